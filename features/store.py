@@ -8,23 +8,38 @@ One file holds one dataset (all splits) in a flat ragged layout::
     attrs: format="vimo-features", version=1, backbone, feature_dim, fps,
            gflops_per_frame, flops_unit ("MACs" | "FLOPs")
 
-Reading one video is one slice. Every error names the file and the field.
+Reading one video is one slice. Opening validates every attribute and index dataset (never the
+feature rows themselves, so a 100k-video file opens in well under a second); feature rows are
+checked for NaN/Inf lazily, per video read, or all at once by :meth:`FeatureStore.validate`.
+Every error is a :class:`FeatureStoreError` that names the file and the field.
 """
 
 from __future__ import annotations
 
+import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from numbers import Integral, Real
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
+from tqdm.auto import tqdm
 
 FORMAT = "vimo-features"
 VERSION = 1
 SPLITS = ("train", "val", "test")
 FLOPS_UNITS = ("MACs", "FLOPs")
+DATASETS = ("features", "offsets", "video_ids", "labels", "splits", "class_names")
 _STR = h5py.string_dtype("utf-8")
+# Target size of one /features chunk written by FeatureWriter. Small chunks keep a random read
+# of one video close to the bytes it needs (the benchmark in benchmarks/read_store.py).
+CHUNK_BYTES = 64 * 1024
+# Size of the blocks read_all()/validate() read at once.
+_BLOCK_BYTES = 32 * 1024 * 1024
+# Fraction of MemAvailable a preload may take.
+_MEMORY_FRACTION = 0.8
 
 
 class FeatureStoreError(ValueError):
@@ -36,21 +51,222 @@ class FeatureStoreError(ValueError):
     def __init__(self, path: str | os.PathLike, field: str, problem: str) -> None:
         self.path = str(path)
         self.field = field
+        self.problem = problem
         super().__init__(f"{self.path}: field '{field}': {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (vector envs)
+        return (type(self), (self.path, self.field, self.problem))
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS can still give this process (``MemAvailable``; total RAM as a fallback)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_in_memory(path: str | os.PathLike, nbytes: int, what: str) -> None:
+    """Raise :class:`FeatureStoreError` when ``nbytes`` would not fit in available memory."""
+    available = available_memory_bytes()
+    if nbytes > _MEMORY_FRACTION * available:
+        raise FeatureStoreError(
+            path, "features",
+            f"{what} needs {nbytes / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB of memory "
+            f"is available (limit {_MEMORY_FRACTION:.0%}); read videos lazily instead "
+            "(preload=False) or select fewer videos",
+        )
+
+
+def _decode(value: Any) -> Any:
+    return value.decode("utf-8") if isinstance(value, bytes | np.bytes_) else value
+
+
+def _read_strings(path: Path, dataset: h5py.Dataset, name: str) -> np.ndarray:
+    """A 1-D string dataset as an object array of ``str``."""
+    if dataset.ndim != 1:
+        raise FeatureStoreError(path, name,
+                                f"expected a 1-D string dataset, got shape {dataset.shape}")
+    if h5py.check_string_dtype(dataset.dtype) is None:
+        raise FeatureStoreError(path, name, f"expected utf-8 strings, got dtype {dataset.dtype}")
+    try:
+        return dataset.asstr()[()] if len(dataset) else np.empty(0, dtype=object)
+    except UnicodeDecodeError as exc:
+        raise FeatureStoreError(path, name, f"not valid utf-8 ({exc})") from None
+
+
+def _read_ints(path: Path, dataset: h5py.Dataset, name: str) -> np.ndarray:
+    if dataset.ndim != 1:
+        raise FeatureStoreError(path, name,
+                                f"expected a 1-D integer dataset, got shape {dataset.shape}")
+    if dataset.dtype.kind not in "iu":
+        raise FeatureStoreError(path, name, f"expected integers (int64), got dtype {dataset.dtype}")
+    return dataset[()].astype(np.int64)
+
+
+class _Index:
+    """The validated small datasets of one open file, shared by every view on it."""
+
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        self.path = path
+        self.file = file
+        self._read_attrs()
+        for name in DATASETS:
+            if name not in file:
+                raise FeatureStoreError(path, name, "dataset missing")
+            if not isinstance(file[name], h5py.Dataset):
+                raise FeatureStoreError(path, name, "expected a dataset, found a group")
+        self.features: h5py.Dataset = file["features"]
+        self._check_features()
+        self.class_names = [str(s) for s in _read_strings(path, file["class_names"], "class_names")]
+        self.offsets = _read_ints(path, file["offsets"], "offsets")
+        self.labels = _read_ints(path, file["labels"], "labels")
+        self.video_ids = _read_strings(path, file["video_ids"], "video_ids")
+        self.splits = _read_strings(path, file["splits"], "splits")
+        self._check_index()
+        self._id_to_index: dict[str, int] | None = None
+
+    def _attr(self, name: str) -> Any:
+        if name not in self.file.attrs:
+            raise FeatureStoreError(self.path, name, "attribute missing")
+        value = self.file.attrs[name]
+        if np.ndim(value) != 0:
+            raise FeatureStoreError(self.path, name, f"expected a scalar attribute, got {value!r}")
+        return _decode(value.item() if isinstance(value, np.ndarray) else value)
+
+    def _typed_attr(self, name: str, kind: type, describe: str) -> Any:
+        value = self._attr(name)
+        if not isinstance(value, kind) or isinstance(value, bool | np.bool_):
+            raise FeatureStoreError(self.path, name, f"expected {describe}, got {value!r}")
+        return value
+
+    def _read_attrs(self) -> None:
+        path = self.path
+        fmt = self._attr("format")
+        if fmt != FORMAT:
+            raise FeatureStoreError(path, "format", f"expected '{FORMAT}', got {fmt!r}")
+        version = self._typed_attr("version", Integral, "an integer")
+        if version != VERSION:
+            raise FeatureStoreError(path, "version", f"unsupported version {version}; this reader "
+                                    f"reads version {VERSION}")
+        self.backbone = self._typed_attr("backbone", str, "a string")
+        self.feature_dim = int(self._typed_attr("feature_dim", Integral, "an integer"))
+        if self.feature_dim <= 0:
+            raise FeatureStoreError(path, "feature_dim",
+                                    f"must be positive, got {self.feature_dim}")
+        self.fps = float(self._typed_attr("fps", Real, "a number"))
+        if not (np.isfinite(self.fps) and self.fps > 0):
+            raise FeatureStoreError(path, "fps", f"must be a positive number, got {self.fps}")
+        self.gflops_per_frame = float(self._typed_attr("gflops_per_frame", Real, "a number"))
+        if not (np.isfinite(self.gflops_per_frame) and self.gflops_per_frame >= 0):
+            raise FeatureStoreError(path, "gflops_per_frame",
+                                    f"must be a number >= 0, got {self.gflops_per_frame}")
+        self.flops_unit = self._attr("flops_unit")
+        if self.flops_unit not in FLOPS_UNITS:
+            raise FeatureStoreError(path, "flops_unit",
+                                    f"expected one of {FLOPS_UNITS}, got {self.flops_unit!r}")
+
+    def _check_features(self) -> None:
+        features = self.features
+        if features.ndim != 2:
+            raise FeatureStoreError(self.path, "features",
+                                    f"expected a 2-D dataset [rows, D], got shape {features.shape}")
+        if features.dtype.kind != "f":
+            raise FeatureStoreError(self.path, "features",
+                                    f"expected float16 or float32, got dtype {features.dtype}")
+        if features.shape[1] != self.feature_dim:
+            raise FeatureStoreError(
+                self.path, "features",
+                f"dimension {features.shape[1]} does not match attribute feature_dim="
+                f"{self.feature_dim}",
+            )
+
+    def _check_index(self) -> None:
+        path, offsets = self.path, self.offsets
+        num_videos = len(self.video_ids)
+        for name, array in (("labels", self.labels), ("splits", self.splits)):
+            if len(array) != num_videos:
+                raise FeatureStoreError(path, name, f"has {len(array)} entries but video_ids has "
+                                        f"{num_videos}")
+        if len(offsets) != num_videos + 1:
+            raise FeatureStoreError(path, "offsets", f"has {len(offsets)} entries, expected "
+                                    f"len(video_ids)+1 = {num_videos + 1}")
+        if offsets[0] != 0:
+            raise FeatureStoreError(path, "offsets", f"offsets[0] must be 0, got {offsets[0]}")
+        decreasing = np.flatnonzero(np.diff(offsets) < 0)
+        if len(decreasing):
+            raise FeatureStoreError(path, "offsets",
+                                    f"not non-decreasing at index {int(decreasing[0]) + 1}")
+        if offsets[-1] != len(self.features):
+            raise FeatureStoreError(path, "offsets", f"offsets[-1] = {offsets[-1]} but features "
+                                    f"has {len(self.features)} rows")
+        if len(set(self.video_ids.tolist())) != num_videos:
+            _, first, counts = np.unique(self.video_ids.astype(str), return_index=True,
+                                         return_counts=True)
+            dup = int(first[np.flatnonzero(counts > 1)].min())
+            raise FeatureStoreError(path, "video_ids",
+                                    f"duplicate video id {self.video_ids[dup]!r} (index {dup})")
+        bad_split = np.flatnonzero(~np.isin(self.splits.astype(str), SPLITS))
+        if len(bad_split):
+            i = int(bad_split[0])
+            raise FeatureStoreError(path, "splits", f"unknown split {self.splits[i]!r} at index "
+                                    f"{i} (video {self.video_ids[i]!r}); expected one of {SPLITS}")
+        num_classes = len(self.class_names)
+        bad_label = np.flatnonzero((self.labels < -1) | (self.labels >= num_classes))
+        if len(bad_label):
+            i = int(bad_label[0])
+            raise FeatureStoreError(path, "labels", f"label {self.labels[i]} at index {i} (video "
+                                    f"{self.video_ids[i]!r}) outside [-1, {num_classes})")
+
+    def id_to_index(self) -> dict[str, int]:
+        if self._id_to_index is None:
+            self._id_to_index = {vid: i for i, vid in enumerate(self.video_ids.tolist())}
+        return self._id_to_index
+
+
+def _open(path: Path) -> _Index:
+    if not path.exists():
+        raise FeatureStoreError(path, "<file>", "no such file")
+    try:
+        file = h5py.File(path, "r")
+    except OSError as exc:
+        raise FeatureStoreError(path, "<file>", f"not a readable HDF5 file ({exc})") from None
+    try:
+        return _Index(path, file)
+    except BaseException:
+        file.close()
+        raise
 
 
 class FeatureStore:
     """Lazy reader of a ``vimo-features`` file, optionally restricted to a split / labels.
 
-    Opening reads only the small index datasets (offsets, ids, labels, splits), so a file of
-    100k videos opens fast. ``video(i)`` returns video ``i`` of the selection as a float32
-    array ``[T, D]`` read with one slice and checked for NaN/Inf.
+    Opening reads and validates only the attributes and the small index datasets (offsets, ids,
+    labels, splits, class names), so a file of 100k videos opens fast. ``video(i)`` returns
+    video ``i`` of the selection as a float32 array ``[T, D]`` read with one slice and checked
+    for NaN/Inf; :meth:`validate` scans every feature row.
+
+    Views made by :meth:`select` share the open file. The store pickles by path: a copy reopens
+    (and revalidates) the file, so stores travel into vectorized-env worker processes.
+    Not thread-safe (one h5py handle); give each thread or process its own store.
 
     Args:
         path: the HDF5 file.
         split: keep only videos of this split (``"train"``, ``"val"``, ``"test"``), or all.
         labels: keep only videos whose label is in this collection.
-        preload: read the selected videos' features into memory at open.
+        preload: read the selected videos' features into memory (float32) at open; refused
+            with a :class:`FeatureStoreError` when they would not fit. For features on a GPU,
+            use :class:`features.source.CachedFrameSource`.
+        progress: show a progress bar while preloading / validating large selections.
+
+    Attributes:
+        indices: int64 ``[V]``, file index of every selected video.
+        starts, lengths: int64 ``[V]``, first row and number of frames of every selected video.
+        labels: int64 ``[V]``; splits: str ``[V]``; video_ids: ``list[str]``.
     """
 
     def __init__(
@@ -60,79 +276,230 @@ class FeatureStore:
         split: str | None = None,
         labels: Sequence[int] | None = None,
         preload: bool = False,
+        progress: bool = True,
     ) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise FeatureStoreError(self.path, "<file>", "no such file")
-        try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise FeatureStoreError(self.path, "<file>", f"not a readable HDF5 file ({exc})")
-        f = self._file
-        attrs = f.attrs
-        if attrs.get("format") != FORMAT:
-            raise FeatureStoreError(self.path, "format", f"expected '{FORMAT}', got {attrs.get('format')!r}")
-        if int(attrs.get("version", -1)) != VERSION:
-            raise FeatureStoreError(self.path, "version", f"expected {VERSION}, got {attrs.get('version')!r}")
-        for name in ("features", "offsets", "video_ids", "labels", "splits", "class_names"):
-            if name not in f:
-                raise FeatureStoreError(self.path, name, "dataset missing")
-        self._features = f["features"]
-        self.feature_dim = int(attrs["feature_dim"])
-        self.backbone = str(attrs["backbone"])
-        self.fps = float(attrs["fps"])
-        self.gflops_per_frame = float(attrs["gflops_per_frame"])
-        self.flops_unit = str(attrs["flops_unit"])
-        self.class_names: list[str] = [s.decode() if isinstance(s, bytes) else str(s) for s in f["class_names"][:]]
-        all_offsets = f["offsets"][:].astype(np.int64)
-        all_labels = f["labels"][:].astype(np.int64)
-        all_splits = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in f["splits"][:]])
-        all_ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["video_ids"][:]]
+        self._progress = progress
+        self._index = _open(self.path)
+        self._set_selection(self._selection_mask(split, labels))
+        if preload:
+            self.preload()
 
-        keep = np.ones(len(all_labels), dtype=bool)
+    # -- selection ----------------------------------------------------------------------------
+
+    def _selection_mask(self, split: str | None, labels: Sequence[int] | None) -> np.ndarray:
+        index = self._index
+        keep = np.ones(len(index.labels), dtype=bool)
         if split is not None:
             if split not in SPLITS:
-                raise FeatureStoreError(self.path, "splits", f"unknown split {split!r}; expected one of {SPLITS}")
-            keep &= all_splits == split
+                raise FeatureStoreError(self.path, "splits",
+                                        f"unknown split {split!r} requested; expected one of "
+                                        f"{SPLITS}")
+            keep &= index.splits == split
         if labels is not None:
-            keep &= np.isin(all_labels, np.asarray(list(labels), dtype=np.int64))
-        self.indices = np.flatnonzero(keep)
-        self.starts = all_offsets[self.indices]
-        self.lengths = all_offsets[self.indices + 1] - self.starts
-        self.labels = all_labels[self.indices]
-        self.splits = all_splits[self.indices]
-        self.video_ids = [all_ids[i] for i in self.indices]
-        self._cache: list[np.ndarray] | None = None
-        if preload:
-            self._cache = [self._read(i) for i in range(len(self))]
+            wanted = np.asarray(list(labels))
+            if wanted.dtype.kind not in "iu" and wanted.size:
+                raise FeatureStoreError(self.path, "labels",
+                                        f"requested labels must be integers, got {list(labels)!r}")
+            wanted = wanted.astype(np.int64)
+            bad = wanted[(wanted < -1) | (wanted >= self.num_classes)]
+            if len(bad):
+                raise FeatureStoreError(self.path, "labels", f"requested label {int(bad[0])} "
+                                        f"outside [-1, {self.num_classes})")
+            keep &= np.isin(index.labels, wanted)
+        return keep
+
+    def _set_selection(self, keep: np.ndarray) -> None:
+        index = self._index
+        self.indices = np.flatnonzero(keep).astype(np.int64)
+        self.starts = index.offsets[self.indices]
+        self.lengths = index.offsets[self.indices + 1] - self.starts
+        self.labels = index.labels[self.indices]
+        self.splits = index.splits[self.indices]
+        self.video_ids: list[str] = index.video_ids[self.indices].tolist()
+        # Plain int lists: the per-read hot path avoids numpy scalar conversions.
+        self._starts = self.starts.tolist()
+        self._stops = (self.starts + self.lengths).tolist()
+        self._flat: np.ndarray | None = None
+        self._flat_starts: list[int] = []
+
+    def select(self, split: str | None = None, labels: Sequence[int] | None = None) -> FeatureStore:
+        """A new view of this selection further restricted to ``split`` / ``labels``.
+
+        The view shares the open file (closing either closes both) and is not preloaded.
+        """
+        view = object.__new__(FeatureStore)
+        view.path, view._progress, view._index = self.path, self._progress, self._index
+        keep = np.zeros(len(self._index.labels), dtype=bool)
+        keep[self.indices] = True
+        view._set_selection(keep & view._selection_mask(split, labels))
+        return view
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    @property
+    def feature_dim(self) -> int:
+        return self._index.feature_dim
+
+    @property
+    def backbone(self) -> str:
+        return self._index.backbone
+
+    @property
+    def fps(self) -> float:
+        return self._index.fps
+
+    @property
+    def gflops_per_frame(self) -> float:
+        return self._index.gflops_per_frame
+
+    @property
+    def flops_unit(self) -> str:
+        return self._index.flops_unit
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._index.class_names
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        return len(self._index.class_names)
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        """dtype of ``/features`` in the file (reads always return float32)."""
+        return self._index.features.dtype
+
+    @property
+    def num_frames(self) -> int:
+        """Total frames of the selected videos."""
+        return int(self.lengths.sum())
+
+    @property
+    def preloaded(self) -> bool:
+        return self._flat is not None
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _read(self, i: int) -> np.ndarray:
-        start = int(self.starts[i])
-        rows = np.asarray(self._features[start : start + int(self.lengths[i])], dtype=np.float32)
-        if not np.isfinite(rows).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
-            raise FeatureStoreError(
-                self.path, "features", f"non-finite value in row {bad} (video '{self.video_ids[i]}')"
-            )
-        return rows
+    def __repr__(self) -> str:
+        return (f"FeatureStore('{self.path}', videos={len(self)}, frames={self.num_frames}, "
+                f"D={self.feature_dim}, classes={self.num_classes}, preloaded={self.preloaded})")
+
+    def index_of(self, video_id: str) -> int:
+        """Position of ``video_id`` in this selection (``KeyError`` naming the file if absent)."""
+        file_index = self._index.id_to_index().get(video_id)
+        if file_index is not None:
+            pos = int(np.searchsorted(self.indices, file_index))
+            if pos < len(self.indices) and self.indices[pos] == file_index:
+                return pos
+        raise KeyError(f"{self.path}: video id {video_id!r} not in this selection")
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _raise_non_finite(self, block: np.ndarray, first_row: int) -> None:
+        bad_row = first_row + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+        offsets = self._index.offsets
+        video = int(np.searchsorted(offsets, bad_row, side="right")) - 1
+        raise FeatureStoreError(
+            self.path, "features",
+            f"non-finite value (NaN/Inf) in row {bad_row} = frame {bad_row - offsets[video]} of "
+            f"video {self._index.video_ids[video]!r}",
+        )
 
     def video(self, i: int) -> np.ndarray:
-        """Features of selected video ``i`` as float32 ``[T, D]``."""
-        if not 0 <= i < len(self):
+        """Features of selected video ``i`` as float32 ``[T, D]`` (read-only when preloaded)."""
+        i = operator.index(i)
+        if not 0 <= i < len(self._starts):
             raise IndexError(f"{self.path}: video index {i} out of range [0, {len(self)})")
-        if self._cache is not None:
-            return self._cache[i]
-        return self._read(i)
+        start, stop = self._starts[i], self._stops[i]
+        if self._flat is not None:
+            begin = self._flat_starts[i]
+            return self._flat[begin : begin + stop - start]
+        rows = self._index.features[start:stop]
+        if rows.dtype != np.float32:
+            rows = rows.astype(np.float32)
+        # Sum is one fast pass; NaN/Inf anywhere makes it non-finite.
+        if not np.isfinite(rows.sum()):
+            if not np.isfinite(rows).all():
+                self._raise_non_finite(rows, start)
+        return rows
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.video(i)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self.video(i)
+
+    def _runs(self) -> list[tuple[int, int]]:
+        """Row ranges ``[start, stop)`` covering the selection, adjacent videos merged."""
+        if len(self) == 0:
+            return []
+        stops = self.starts + self.lengths
+        breaks = np.flatnonzero(self.starts[1:] != stops[:-1]) + 1
+        run_starts = self.starts[np.concatenate([[0], breaks])]
+        run_stops = stops[np.concatenate([breaks - 1, [len(self) - 1]])]
+        return [(int(a), int(b)) for a, b in zip(run_starts, run_stops, strict=True)]
+
+    def _blocks(self, desc: str) -> Iterator[tuple[int, int]]:
+        """Row blocks ``[start, stop)`` of at most ~32 MiB covering the selection, with progress."""
+        row_bytes = self.feature_dim * self.storage_dtype.itemsize
+        block_rows = max(1, _BLOCK_BYTES // row_bytes)
+        total = self.num_frames
+        with tqdm(total=total, desc=desc, unit="row", unit_scale=True,
+                  disable=not self._progress or total * row_bytes < 4 * _BLOCK_BYTES) as bar:
+            for start, stop in self._runs():
+                for block_start in range(start, stop, block_rows):
+                    block_stop = min(stop, block_start + block_rows)
+                    yield block_start, block_stop
+                    bar.update(block_stop - block_start)
+
+    def read_all(self) -> np.ndarray:
+        """The selection's features concatenated, float32 ``[sum T, D]``.
+
+        Contiguous runs of videos are read in large blocks, not video by video; every row is
+        checked for NaN/Inf. Refused when the result would not fit in available memory.
+        """
+        if self._flat is not None:
+            return self._flat
+        total = self.num_frames
+        check_fits_in_memory(self.path, total * self.feature_dim * 4, "reading all features")
+        out = np.empty((total, self.feature_dim), dtype=np.float32)
+        features = self._index.features
+        pos = 0
+        for start, stop in self._blocks(f"reading {self.path.name}"):
+            block = features[start:stop]
+            if not np.isfinite(block.sum(dtype=np.float32)) and not np.isfinite(block).all():
+                self._raise_non_finite(block, start)
+            out[pos : pos + stop - start] = block
+            pos += stop - start
+        return out
+
+    def preload(self) -> None:
+        """Read the selection into memory; later ``video(i)`` calls are slices of it."""
+        if self._flat is None:
+            flat = self.read_all()
+            flat.setflags(write=False)
+            self._flat_starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).tolist()
+            self._flat = flat
+
+    def validate(self) -> None:
+        """Scan every feature row of the selection for NaN/Inf (in large blocks).
+
+        Raises :class:`FeatureStoreError` naming the first bad row and its video id.
+        """
+        features = self._index.features
+        for start, stop in self._blocks(f"validating {self.path.name}"):
+            block = features[start:stop]
+            if not np.isfinite(block.sum(dtype=np.float32)) and not np.isfinite(block).all():
+                self._raise_non_finite(block, start)
+
+    # -- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._file.close()
+        """Close the file (and every view sharing it)."""
+        self._index.file.close()
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -140,13 +507,35 @@ class FeatureStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path), "indices": self.indices, "preloaded": self.preloaded,
+                "progress": self._progress}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = Path(state["path"])
+        self._progress = state["progress"]
+        self._index = _open(self.path)
+        keep = np.zeros(len(self._index.labels), dtype=bool)
+        indices = np.asarray(state["indices"], dtype=np.int64)
+        if len(indices) and indices[-1] >= len(keep):
+            raise FeatureStoreError(self.path, "video_ids",
+                                    "file changed since the store was pickled (fewer videos)")
+        keep[indices] = True
+        self._set_selection(keep)
+        if state["preloaded"]:
+            self.preload()
+
 
 class FeatureWriter:
-    """Writes a ``vimo-features`` file video by video.
+    """Writes a ``vimo-features`` file video by video, streaming to disk.
 
     Data goes to ``<path>.partial``; ``close()`` renames it to ``path``, so a file under the
-    final name is always complete. With ``resume=True`` an existing ``.partial`` file is
-    reopened and its finished videos kept (``video_id in writer`` tells which).
+    final name is always complete. Videos are committed (their offset written, the file flushed)
+    every ``flush_every`` videos, feature rows and index entries before the offset, so a killed
+    process loses at most the uncommitted videos. With ``resume=True`` an existing ``.partial``
+    file is reopened, anything past its last committed video is dropped, and its finished videos
+    are kept (``video_id in writer`` tells which). An exception inside ``with`` keeps the
+    partial file for a later resume.
 
     Args:
         path: final file name.
@@ -158,6 +547,8 @@ class FeatureWriter:
         flops_unit: ``"MACs"`` or ``"FLOPs"``.
         dtype: storage dtype of ``/features`` (``"float16"`` or ``"float32"``).
         resume: continue an interrupted write instead of starting afresh.
+        flush_every: commit every this many videos (1: after each video).
+        chunk_rows: rows per ``/features`` chunk (default: about 64 KiB per chunk).
     """
 
     def __init__(
@@ -172,28 +563,111 @@ class FeatureWriter:
         flops_unit: str = "MACs",
         dtype: str = "float16",
         resume: bool = False,
+        flush_every: int = 1,
+        chunk_rows: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.feature_dim = int(feature_dim)
-        if flops_unit not in FLOPS_UNITS:
-            raise ValueError(f"flops_unit must be one of {FLOPS_UNITS}, got {flops_unit!r}")
+        self.class_names = [str(c) for c in class_names]
+        self.dtype = np.dtype(dtype)
+        self.flush_every = int(flush_every)
+        self._check_args(backbone, fps, gflops_per_frame, flops_unit)
+        attrs = {"format": FORMAT, "version": VERSION, "backbone": str(backbone),
+                 "feature_dim": self.feature_dim, "fps": float(fps),
+                 "gflops_per_frame": float(gflops_per_frame), "flops_unit": flops_unit}
         if resume and self.partial_path.exists():
-            self._file = h5py.File(self.partial_path, "a")
+            self._file = self._reopen(attrs)
         else:
-            self._file = h5py.File(self.partial_path, "w")
-            f = self._file
-            f.attrs.update(
-                format=FORMAT, version=VERSION, backbone=backbone, feature_dim=self.feature_dim,
-                fps=float(fps), gflops_per_frame=float(gflops_per_frame), flops_unit=flops_unit,
-            )
-            f.create_dataset("class_names", data=list(class_names), dtype=_STR)
-            f.create_dataset("features", shape=(0, self.feature_dim), maxshape=(None, self.feature_dim),
-                             dtype=dtype, chunks=(1024, self.feature_dim))
-            f.create_dataset("offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(4096,))
-            for name, dt in (("video_ids", _STR), ("labels", np.int64), ("splits", _STR)):
-                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
-        self._ids = {s.decode() if isinstance(s, bytes) else s for s in self._file["video_ids"][:]}
+            self._file = self._create(attrs, chunk_rows)
+        self._closed = False
+        f = self._file
+        self._features, self._offsets = f["features"], f["offsets"]
+        self._video_ids, self._labels, self._splits = f["video_ids"], f["labels"], f["splits"]
+        stored_ids = _read_strings(self.partial_path, self._video_ids, "video_ids")
+        self._ids: set[str] = set(stored_ids.tolist())
+        self._num_written = len(self._ids)  # videos whose rows and index entries are written
+        self._rows = int(self._offsets[-1])
+        self._pending_offsets: list[int] = []  # offsets of written but uncommitted videos
+
+    def _check_args(self, backbone: str, fps: float, gflops: float, flops_unit: str) -> None:
+        where = self.partial_path
+        if self.feature_dim <= 0:
+            raise FeatureStoreError(where, "feature_dim",
+                                    f"must be positive, got {self.feature_dim}")
+        if self.dtype not in (np.float16, np.float32):
+            raise FeatureStoreError(where, "features", f"dtype must be float16 or float32, got "
+                                    f"{self.dtype}")
+        if flops_unit not in FLOPS_UNITS:
+            raise FeatureStoreError(where, "flops_unit", f"must be one of {FLOPS_UNITS}, got "
+                                    f"{flops_unit!r}")
+        if not isinstance(backbone, str) or not backbone:
+            raise FeatureStoreError(where, "backbone",
+                                    f"must be a non-empty string, got {backbone!r}")
+        if not (np.isfinite(fps) and fps > 0):
+            raise FeatureStoreError(where, "fps", f"must be positive, got {fps}")
+        if not (np.isfinite(gflops) and gflops >= 0):
+            raise FeatureStoreError(where, "gflops_per_frame", f"must be >= 0, got {gflops}")
+        if self.flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {self.flush_every}")
+        if not self.class_names:
+            raise FeatureStoreError(where, "class_names", "needs at least one class")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise FeatureStoreError(where, "class_names", "class names must be unique")
+
+    def _create(self, attrs: dict[str, Any], chunk_rows: int | None) -> h5py.File:
+        if chunk_rows is None:
+            chunk_rows = max(1, CHUNK_BYTES // (self.feature_dim * self.dtype.itemsize))
+        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(self.partial_path, "w")
+        f.attrs.update(attrs)
+        f.create_dataset("class_names", data=self.class_names, dtype=_STR)
+        f.create_dataset("features", shape=(0, self.feature_dim), maxshape=(None, self.feature_dim),
+                         dtype=self.dtype, chunks=(int(chunk_rows), self.feature_dim))
+        f.create_dataset("offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(4096,))
+        for name, dt in (("video_ids", _STR), ("labels", np.int64), ("splits", _STR)):
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+        f.flush()
+        return f
+
+    def _reopen(self, attrs: dict[str, Any]) -> h5py.File:
+        """Open the partial file and cut it back to its last committed video."""
+        where = self.partial_path
+        try:
+            f = h5py.File(where, "a")
+        except OSError as exc:
+            raise FeatureStoreError(where, "<file>", f"cannot resume: partial file unreadable "
+                                    f"({exc}); delete it to start afresh") from None
+        try:
+            for name in DATASETS:
+                if name not in f:
+                    raise FeatureStoreError(where, name, "cannot resume: dataset missing")
+            for name, value in attrs.items():
+                stored = _decode(f.attrs.get(name))
+                if stored != value:
+                    raise FeatureStoreError(where, name, f"cannot resume: file has {stored!r}, "
+                                            f"writer was given {value!r}")
+            stored_classes = f["class_names"].asstr()[()].tolist()
+            if stored_classes != self.class_names:
+                raise FeatureStoreError(where, "class_names", "cannot resume: class names differ")
+            if f["features"].dtype != self.dtype:
+                raise FeatureStoreError(where, "features", f"cannot resume: file stores "
+                                        f"{f['features'].dtype}, writer was given {self.dtype}")
+            offsets = f["offsets"][()]
+            num_videos = min(len(offsets) - 1, len(f["video_ids"]), len(f["labels"]),
+                             len(f["splits"]))
+            # A video counts once its offset is in and its rows exist.
+            while num_videos > 0 and offsets[num_videos] > len(f["features"]):
+                num_videos -= 1
+            f["offsets"].resize(num_videos + 1, axis=0)
+            for name in ("video_ids", "labels", "splits"):
+                f[name].resize(num_videos, axis=0)
+            f["features"].resize(int(offsets[num_videos]), axis=0)
+            f.flush()
+            return f
+        except BaseException:
+            f.close()
+            raise
 
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._ids
@@ -201,30 +675,82 @@ class FeatureWriter:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def add(self, video_id: str, features: np.ndarray, label: int, split: str) -> None:
-        """Append one video's features ``[T, D]``."""
-        f = self._file
-        features = np.asarray(features)
-        if features.ndim != 2 or features.shape[1] != self.feature_dim:
-            raise ValueError(f"{video_id}: features must be [T, {self.feature_dim}], got {features.shape}")
-        if video_id in self._ids:
-            raise ValueError(f"{video_id}: duplicate video id")
-        n = len(self._ids)
-        end = int(f["offsets"][n])
-        T = len(features)
-        f["features"].resize(end + T, axis=0)
-        f["features"][end:] = features
-        for name, value in (("video_ids", video_id), ("labels", label), ("splits", split)):
-            f[name].resize(n + 1, axis=0)
-            f[name][n] = value
-        f["offsets"].resize(n + 2, axis=0)
-        f["offsets"][n + 1] = end + T  # written last: a video counts once its offset is in
+    def add(self, video_id: str, features: Any, label: int, split: str) -> None:
+        """Append one video's features ``[T, D]`` (numpy array or CPU/GPU tensor)."""
+        if self._closed:
+            raise RuntimeError(f"{self.partial_path}: writer is closed")
+        rows = self._check_video(video_id, features, label, split)
+        n, end = self._num_written, self._rows
+        self._features.resize(end + len(rows), axis=0)
+        self._features[end:] = rows
+        for dataset, value in ((self._video_ids, video_id), (self._labels, int(label)),
+                               (self._splits, split)):
+            dataset.resize(n + 1, axis=0)
+            dataset[n] = value
         self._ids.add(video_id)
+        self._num_written = n + 1
+        self._rows = end + len(rows)
+        self._pending_offsets.append(self._rows)
+        if len(self._pending_offsets) >= self.flush_every:
+            self.commit()
+
+    def _check_video(self, video_id: str, features: Any, label: int, split: str) -> np.ndarray:
+        where = self.partial_path
+        if not isinstance(video_id, str) or not video_id:
+            raise FeatureStoreError(where, "video_ids", f"video id must be a non-empty string, got "
+                                    f"{video_id!r}")
+        if video_id in self._ids:
+            raise FeatureStoreError(where, "video_ids", f"duplicate video id {video_id!r}")
+        if hasattr(features, "detach"):  # torch tensor, possibly on a GPU
+            features = features.detach().cpu().numpy()
+        rows = np.asarray(features)
+        if rows.dtype.kind not in "fiu" or rows.ndim != 2 or rows.shape[1] != self.feature_dim:
+            raise FeatureStoreError(where, "features", f"video {video_id!r}: expected a real array "
+                                    f"[T, {self.feature_dim}], got {rows.dtype} {rows.shape}")
+        if len(rows) == 0:
+            raise FeatureStoreError(where, "features", f"video {video_id!r} has no frames")
+        with np.errstate(over="ignore"):  # overflow is reported below, naming the video
+            rows = rows.astype(self.dtype, copy=False)
+        if not np.isfinite(rows).all():  # after the cast: float16 overflows to inf above 65504
+            bad = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+            raise FeatureStoreError(where, "features", f"video {video_id!r}: non-finite value "
+                                    f"(NaN/Inf, or too large for {self.dtype}) in frame {bad}")
+        if isinstance(label, bool) or not isinstance(label, Integral) or not (
+            -1 <= label < len(self.class_names)
+        ):
+            raise FeatureStoreError(where, "labels", f"video {video_id!r}: label {label!r} not an "
+                                    f"integer in [-1, {len(self.class_names)})")
+        if split not in SPLITS:
+            raise FeatureStoreError(where, "splits", f"video {video_id!r}: unknown split "
+                                    f"{split!r}; expected one of {SPLITS}")
+        return rows
+
+    def commit(self) -> None:
+        """Make every added video durable: flush its rows, then write and flush its offsets."""
+        if not self._pending_offsets:
+            return
+        self._file.flush()  # rows and index entries reach the file before the offsets
+        committed = len(self._offsets)
+        self._offsets.resize(committed + len(self._pending_offsets), axis=0)
+        self._offsets[committed:] = self._pending_offsets
+        self._file.flush()
+        self._pending_offsets = []
 
     def close(self) -> None:
-        """Finish the file and move it to its final name."""
+        """Commit, finish the file and move it to its final name."""
+        if self._closed:
+            return
+        self.commit()
         self._file.close()
+        self._closed = True
         os.replace(self.partial_path, self.path)
+
+    def abort(self) -> None:
+        """Close without finishing; the committed videos stay in ``.partial`` for a resume."""
+        if not self._closed:
+            self.commit()
+            self._file.close()
+            self._closed = True
 
     def __enter__(self) -> FeatureWriter:
         return self
@@ -233,4 +759,4 @@ class FeatureWriter:
         if exc_type is None:
             self.close()
         else:  # keep the partial file for resume
-            self._file.close()
+            self.abort()
