@@ -10,13 +10,14 @@ asks it only for the frames its locators actually visit, in batches:
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
 
 from features.device import resolve_device
-from features.store import FeatureStore
+from features.store import FeatureStore, FeatureStoreError
 
 
 class FrameSource(ABC):
@@ -49,14 +50,25 @@ class FrameSource(ABC):
 
     @abstractmethod
     def gather(self, videos: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """Features ``[K, D]`` (float32, on ``self.device``) of frame ``frames[k]`` of video ``videos[k]``."""
+        """Features ``[K, D]`` (float32, on ``self.device``) of frame ``frames[k]`` of video
+        ``videos[k]``."""
 
 
 class CachedFrameSource(FrameSource):
     """Frame source over a ``vimo-features`` HDF5 file (one split), held on a device.
 
     All selected videos are loaded into one flat tensor ``[sum T, D]`` so that ``gather`` is a
-    single indexed read with no Python loop.
+    single indexed read with no Python loop. Loading reads contiguous runs of videos in large
+    blocks, checks every row for NaN/Inf, and is refused with a clear error when the split would
+    not fit in host memory or, on a GPU, in free device memory.
+
+    Args:
+        features: a ``vimo-features`` path, or an open :class:`FeatureStore` (used as it is:
+            its own selection applies and ``split`` is ignored).
+        split: the split to serve (``"train"``, ``"val"``, ``"test"``), or ``None`` for all.
+        device: where the features live and ``gather`` returns (``"auto"``: CUDA if present).
+        dtype: storage dtype of the flat tensor (``torch.float16`` halves memory);
+            ``gather`` always returns float32.
     """
 
     def __init__(
@@ -67,7 +79,10 @@ class CachedFrameSource(FrameSource):
         device: str | torch.device = "auto",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        store = features if isinstance(features, FeatureStore) else FeatureStore(features, split=split)
+        if isinstance(features, FeatureStore):
+            store = features
+        else:
+            store = FeatureStore(features, split=split)
         self.store = store
         self.device = resolve_device(device)
         self.feature_dim = store.feature_dim
@@ -77,14 +92,29 @@ class CachedFrameSource(FrameSource):
         self.lengths = store.lengths.astype(np.int64)
         self.labels = store.labels.astype(np.int64)
         self.video_ids = list(store.video_ids)
+        self.split = split if not isinstance(features, FeatureStore) else None
         if len(self.lengths) == 0:
-            raise ValueError(f"{store.path}: no videos in split {split!r}")
-        flat = store.read_all() if hasattr(store, "read_all") else np.concatenate(
-            [store.video(i) for i in range(len(store))]
-        )
-        self.flat = torch.as_tensor(flat, dtype=dtype, device=self.device)
+            counts = store.split_counts()
+            raise FeatureStoreError(store.path, "splits", f"no videos in split {split!r} "
+                                    f"(videos per split in the file: {counts})")
+        empty = np.flatnonzero(self.lengths == 0)
+        if len(empty):
+            raise FeatureStoreError(store.path, "offsets", f"video {self.video_ids[empty[0]]!r} "
+                                    "has no frames; a frame source needs at least one per video")
+        nbytes = int(self.lengths.sum()) * self.feature_dim * torch.empty((), dtype=dtype).itemsize
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if nbytes > 0.9 * free:
+                raise FeatureStoreError(store.path, "features", f"split needs {nbytes / 2**30:.2f} "
+                                        f"GiB on {self.device} but only {free / 2**30:.2f} GiB "
+                                        "is free; use dtype=torch.float16 or the CPU")
+        flat = store.read_all()  # refuses itself when it would not fit in host memory
+        with warnings.catch_warnings():  # a preloaded store's array is read-only; never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.flat = torch.as_tensor(flat, device=self.device).to(dtype)
         offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
         self.offsets = torch.as_tensor(offsets, dtype=torch.long, device=self.device)
 
     def gather(self, videos: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        return self.flat[self.offsets[videos] + frames]
+        rows = self.flat[self.offsets[videos] + frames]
+        return rows if rows.dtype == torch.float32 else rows.float()

@@ -386,6 +386,11 @@ class FeatureStore:
         return (f"FeatureStore('{self.path}', videos={len(self)}, frames={self.num_frames}, "
                 f"D={self.feature_dim}, classes={self.num_classes}, preloaded={self.preloaded})")
 
+    def split_counts(self) -> dict[str, int]:
+        """Videos per split in the whole file (not only this selection)."""
+        splits = self._index.splits
+        return {name: int(np.count_nonzero(splits == name)) for name in SPLITS}
+
     def index_of(self, video_id: str) -> int:
         """Position of ``video_id`` in this selection (``KeyError`` naming the file if absent)."""
         file_index = self._index.id_to_index().get(video_id)
