@@ -202,6 +202,37 @@ class Recognizer(nn.Module):
             state = self.observe(state, frames[:, :, step], mask[:, :, step])
         return self.logits(state)
 
+    # ---------------------------------------------------------------- cost
+    def flops(self) -> dict[str, float | str]:
+        """Per-part cost for one video, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+        Returns ``{"temporal_per_frame": F_T cost of folding one frame into one locator,
+        "integration": F_M + classifier cost of one prediction from N embeddings,
+        "unit": "FLOPs"}`` (FLOPs = 2 x multiply-adds; matmuls and convolutions only).
+        Counted in training mode because the fused eval-mode transformer kernel is not counted.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        c = self.config
+        was_training = self.training
+        param = self.classifier.weight
+        self.train()
+        try:
+            with torch.no_grad():
+                state = self.initial_state(1, param.device)
+                frames = torch.zeros(1, c.num_locators, c.feature_dim, device=param.device,
+                                     dtype=param.dtype)
+                with FlopCounterMode(display=False) as counter:
+                    state = self.observe(state, frames)
+                temporal = counter.get_total_flops() / c.num_locators
+                with FlopCounterMode(display=False) as counter:
+                    self.logits(state)
+                integration = counter.get_total_flops()
+        finally:
+            self.train(was_training)
+        return {"temporal_per_frame": float(temporal), "integration": float(integration),
+                "unit": "FLOPs"}
+
     # ---------------------------------------------------------------- checkpoints
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint (state dict + JSON config) atomically."""

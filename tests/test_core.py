@@ -1,0 +1,296 @@
+"""The batched locator core against hand-computed cases (SPEC section 2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from env_helpers import ArraySource, tiny_recognizer
+
+from vimo_env.core import LocatorCore, VideoSampler
+
+LENGTHS = [10, 7, 2, 1, 13, 4, 30]
+
+
+def make_core(lengths=LENGTHS, *, locators=3, batch=None, seed=0, **kw):
+    source = ArraySource(lengths, dim=4, classes=3, seed=seed)
+    rec = tiny_recognizer(4, 3, locators, seed=seed)
+    core = LocatorCore(source, rec, num_locators=locators, device="cpu", batch_size=batch, **kw)
+    return core, source, rec
+
+
+@pytest.mark.parametrize(
+    "length, locators, expected",
+    [(10, 3, [0, 3, 6]), (7, 3, [0, 2, 4]), (2, 3, [0, 0, 1]), (1, 3, [0, 0, 0]),
+     (13, 5, [0, 2, 5, 7, 10]), (10, 1, [0]), (4, 2, [0, 2])],
+)
+def test_placement_and_initial_frames(length, locators, expected):
+    core, source, rec = make_core([length], locators=locators)
+    obs = core.reset(torch.tensor([0]))
+    assert obs.positions[0].tolist() == expected
+    assert obs.frames_observed[0].tolist() == [1] * locators
+    assert obs.alive[0].all()
+    assert sorted(source.requests) == sorted((0, p) for p in expected)
+    assert source.begun == [[0]]
+    # h_i = F_T^i(X[p_i], h_init); P_0 from all embeddings; observation layout
+    frames = torch.stack([source.frame(0, p) for p in expected]).unsqueeze(0)
+    state = rec.observe(rec.initial_state(1), frames)
+    torch.testing.assert_close(core.state, state)
+    p0 = rec.probs(state)[0, 0]  # label of video 0 is 0
+    assert core.p_gt[0].item() == pytest.approx(p0.item(), abs=1e-6)
+    ob = obs.observation[0]
+    assert ob.shape == (locators, 8 + 3) and ob.dtype == torch.float32
+    torch.testing.assert_close(ob[:, :8], rec.embeddings(state)[0])
+    torch.testing.assert_close(ob[:, 8], torch.full((locators,), 1 / 5))
+    torch.testing.assert_close(ob[:, 9], torch.tensor(expected) / max(length - 1, 1))
+    assert ob[:, 10].tolist() == [0.0] * locators
+
+
+def test_clamp_at_last_frame_and_stop_there():
+    core, source, _ = make_core([10])
+    core.reset(torch.tensor([0]))
+    source.requests.clear()
+    out = core.step(torch.tensor([[3, 3, 3]]))  # 0+9, 3+9 -> 9, 6+9 -> 9
+    assert core.positions[0].tolist() == [9, 9, 9]
+    assert out.new_frames.tolist() == [3]
+    assert core.alive[0].tolist() == [True, True, True]
+    assert sorted(source.requests) == [(0, 9)] * 3
+    source.requests.clear()
+    out = core.step(torch.tensor([[1, 0, 2]]))  # at T-1 a move stops instead
+    assert source.requests == []
+    assert out.new_frames.tolist() == [0]
+    assert out.done.tolist() == [True]
+    assert core.frames_observed[0].tolist() == [2, 2, 2]
+    rec = out.finished.records()[0]
+    assert rec.trajectories == [[0, 9], [3, 9], [6, 9]]
+    assert rec.frames == 6 and rec.frame_rate == pytest.approx(0.6)
+
+
+def test_max_moves_and_stride():
+    core, source, _ = make_core([100], locators=1, max_moves=2, stride=5)
+    core.reset(torch.tensor([0]))
+    out = core.step(torch.tensor([[1]]))
+    assert core.positions.tolist() == [[5]] and not out.done[0]
+    out = core.step(torch.tensor([[2]]))  # second move is the last: stops after observing
+    assert core.positions.tolist() == [[15]]
+    assert core.frames_observed.tolist() == [[3]]
+    assert out.done.tolist() == [True] and not core.alive[0, 0]
+    assert out.finished.records()[0].trajectories == [[0, 5, 15]]
+    with pytest.raises(RuntimeError, match="no running episode"):
+        core.step(torch.tensor([[1]]))
+
+
+def test_stopped_locators_keep_state_and_ignore_actions():
+    core, source, _ = make_core([30], max_moves=4)
+    core.reset(torch.tensor([0]))
+    core.step(torch.tensor([[0, 1, 1]]))
+    frozen = core.state[0, 0].clone()
+    source.requests.clear()
+    core.step(torch.tensor([[3, 1, 0]]))  # locator 0 is stopped: its 3 is ignored
+    assert core.positions[0].tolist() == [0, 16, 23]
+    assert source.requests == [(0, 16)]
+    torch.testing.assert_close(core.state[0, 0], frozen)
+
+
+def run_random(core, videos, seed, steps_cap=20):
+    """Random actions until every row ends; returns per-row rewards, P_0, records."""
+    gen = torch.Generator().manual_seed(seed)
+    obs = core.reset(torch.as_tensor(videos))
+    p0 = obs.p_gt.clone()
+    rewards = torch.zeros(len(videos), dtype=torch.float64)
+    records = {}
+    history = []
+    for _ in range(steps_cap):
+        running = (~core.done).nonzero(as_tuple=True)[0]
+        if len(running) == 0:
+            break
+        acts = torch.randint(0, 4, (len(videos), core.num_locators), generator=gen)
+        out = core.step(acts[running], rows=running)
+        rewards[running] += out.reward.double()
+        history.append((running.clone(), acts[running].clone(), out.reward.clone(),
+                        out.observation.clone()))
+        if out.finished is not None:
+            for r in out.finished.records():
+                records[r.row] = r
+    return rewards, p0, records, history
+
+
+def test_rewards_telescope_to_final_minus_initial_minus_cost():
+    core, source, _ = make_core(frame_cost=0.07)
+    videos = list(range(len(LENGTHS)))
+    rewards, p0, records, _ = run_random(core, videos, seed=3)
+    assert len(records) == len(videos)
+    for row, rec in records.items():
+        p_end = rec.scores[rec.label]
+        expected = p_end - p0[row].item() - 0.07 * (rec.frames - 3)
+        assert rewards[row].item() == pytest.approx(expected, abs=1e-5)
+        assert rec.frames == sum(len(t) for t in rec.trajectories)
+        assert rec.frame_rate == pytest.approx(rec.frames / LENGTHS[rec.video])
+        assert rec.correct == (int(np.argmax(rec.scores)) == rec.label)
+        assert rec.scores.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_batched_core_matches_single_video_cores():
+    videos = [0, 1, 2, 3, 4, 5, 6, 6]
+    core, _, _ = make_core(batch=len(videos))
+    _, p0, records, history = run_random(core, videos, seed=11)
+    for row, video in enumerate(videos):
+        single, _, _ = make_core(batch=1)
+        obs = single.reset(torch.tensor([video]))
+        assert obs.p_gt[0].item() == pytest.approx(p0[row].item(), abs=1e-6)
+        for running, acts, reward, observation in history:
+            hit = (running == row).nonzero(as_tuple=True)[0]
+            if len(hit) == 0:
+                continue
+            k = hit.item()
+            out = single.step(acts[k : k + 1])
+            assert out.reward[0].item() == pytest.approx(reward[k].item(), abs=1e-6)
+            torch.testing.assert_close(out.observation[0], observation[k], atol=1e-6, rtol=0)
+        rec = records[row]
+        assert single.done[0]
+        assert single.frames_observed[0].sum().item() == rec.frames
+        traj = [[p for p in t if p >= 0] for t in single.trajectories[0].tolist()]
+        assert traj == rec.trajectories
+
+
+@pytest.mark.parametrize(
+    "actions, error, match",
+    [([[4, 0, 0]], ValueError, "0..3"), ([[-1, 0, 0]], ValueError, "0..3"),
+     ([[0, 0]], ValueError, "shape"), ([0, 0, 0], ValueError, "shape"),
+     ([[float("nan"), 0, 0]], ValueError, "NaN"), ([[1.5, 0, 0]], ValueError, "whole"),
+     ([[True, False, False]], TypeError, "integers")],
+)
+def test_invalid_actions_are_rejected(actions, error, match):
+    core, _, _ = make_core([10])
+    core.reset(torch.tensor([0]))
+    before = core.positions.clone()
+    with pytest.raises(error, match=match):
+        core.step(torch.tensor(actions))
+    assert torch.equal(core.positions, before)  # nothing moved
+
+
+def test_integral_float_actions_accepted_and_dead_locator_range_checked():
+    core, _, _ = make_core([30])
+    core.reset(torch.tensor([0]))
+    core.step(torch.tensor([[0.0, 1.0, 2.0]]))
+    assert core.positions[0].tolist() == [0, 13, 26]
+    with pytest.raises(ValueError, match="0..3"):
+        core.step(torch.tensor([[7, 1, 1]]))  # locator 0 is dead, 7 is still invalid
+
+
+def test_step_before_reset_and_inactive_rows():
+    core, _, _ = make_core(batch=3)
+    with pytest.raises(RuntimeError, match="no running episode"):
+        core.step(torch.zeros(3, 3, dtype=torch.long))
+    core.reset(torch.tensor([4]), rows=torch.tensor([1]))
+    assert core.active.tolist() == [False, True, False]
+    with pytest.raises(RuntimeError, match=r"rows \[0\]"):
+        core.step(torch.ones(1, 3, dtype=torch.long), rows=torch.tensor([0]))
+    out = core.step(torch.ones(1, 3, dtype=torch.long), rows=torch.tensor([1]))
+    assert out.rows.tolist() == [1]
+    with pytest.raises(IndexError):
+        core.reset(torch.tensor([99]), rows=torch.tensor([0]))
+    with pytest.raises(IndexError):
+        core.reset(torch.tensor([0]), rows=torch.tensor([5]))
+
+
+def test_partial_reset_and_step_leave_other_rows_untouched():
+    core, _, _ = make_core(batch=4)
+    core.reset(torch.tensor([0, 4, 6, 1]))
+    core.step(torch.tensor([[1, 1, 1]] * 4))
+    snapshot = {k: getattr(core, k).clone() for k in ("state", "positions", "frames_observed",
+                                                      "observation", "p_gt", "alive")}
+    core.step(torch.tensor([[2, 0, 1], [1, 1, 1]]), rows=torch.tensor([1, 3]))
+    for name, before in snapshot.items():
+        now = getattr(core, name)
+        assert torch.equal(now[[0, 2]], before[[0, 2]]), name
+        assert not torch.equal(now[[1, 3]], before[[1, 3]]) or name == "alive", name
+    core.reset(torch.tensor([2]), rows=torch.tensor([2]))
+    assert core.videos.tolist() == [0, 4, 2, 1]
+    assert core.positions[2].tolist() == [0, 0, 1]
+    assert core.steps.tolist() == [1, 2, 0, 2]
+    assert torch.equal(core.state[0], snapshot["state"][0])
+
+
+def test_without_rewards_same_episodes_and_single_final_prediction():
+    videos = list(range(len(LENGTHS)))
+    full, _, _ = make_core(frame_cost=0.1)
+    lean, _, _ = make_core(frame_cost=0.1, compute_rewards=False)
+    _, _, rec_full, hist_full = run_random(full, videos, seed=5)
+    obs = lean.reset(torch.tensor(videos))
+    assert torch.isnan(obs.p_gt).all()
+    rewards, _, rec_lean, hist_lean = run_random(lean, videos, seed=5)
+    for (rows_a, acts_a, _, obs_a), (rows_b, acts_b, _, obs_b) in zip(
+            hist_full, hist_lean, strict=True):
+        assert torch.equal(rows_a, rows_b) and torch.equal(acts_a, acts_b)
+        torch.testing.assert_close(obs_a, obs_b)
+    for row in rec_full:
+        a, b = rec_full[row], rec_lean[row]
+        assert (a.frames, a.trajectories, a.correct) == (b.frames, b.trajectories, b.correct)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+        assert rewards[row].item() == pytest.approx(-0.1 * (b.frames - 3), abs=1e-6)
+        assert lean.p_gt[row].item() == pytest.approx(b.scores[b.label], abs=1e-6)
+
+
+def test_gflops_accounting_in_the_files_unit():
+    for unit, factor in (("MACs", 0.5), ("FLOPs", 1.0)):
+        source = ArraySource([20], dim=4, classes=3, gflops_per_frame=2.0, flops_unit=unit)
+        rec = tiny_recognizer()
+        cost = rec.flops()
+        core = LocatorCore(source, rec, device="cpu")
+        core.reset(torch.tensor([0]))
+        out = core.step(torch.tensor([[1, 0, 0]]))
+        out = core.step(torch.tensor([[0, 0, 0]]))
+        record = out.finished.records()[0]
+        assert record.frames == 4 and record.flops_unit == unit
+        expected = 4 * 2.0 + (4 * cost["temporal_per_frame"] + cost["integration"]) * factor / 1e9
+        assert record.gflops == pytest.approx(expected, rel=1e-9)
+    # LSTM gates: one [D+H] x [4H] matmul per frame, 2 FLOPs per multiply-add
+    assert cost["temporal_per_frame"] == 2 * (4 + 8) * 32
+
+
+def test_only_visited_frames_are_requested():
+    core, source, _ = make_core()
+    videos = list(range(len(LENGTHS)))
+    _, _, records, _ = run_random(core, videos, seed=9)
+    requested = sorted(source.requests)
+    visited = sorted((rec.video, p) for rec in records.values() for t in rec.trajectories
+                     for p in t)
+    assert requested == visited
+
+
+def test_bad_inputs_name_the_problem():
+    core, source, _ = make_core([10])
+    source.corrupt = True
+    with pytest.raises(ValueError, match="non-finite"):
+        core.reset(torch.tensor([0]))
+    source = ArraySource([10], dim=5)
+    with pytest.raises(ValueError, match="feature_dim"):
+        LocatorCore(source, tiny_recognizer(4), device="cpu")
+    with pytest.raises(ValueError, match="num_locators"):
+        LocatorCore(ArraySource([10]), tiny_recognizer(locators=2), device="cpu")
+    with pytest.raises(ValueError, match="max_moves"):
+        LocatorCore(ArraySource([10]), tiny_recognizer(), max_moves=0, device="cpu")
+    with pytest.raises(TypeError, match="integer"):
+        make_core()[0].reset(torch.tensor([0.5]))
+
+
+def test_pooling_recognizer_and_global_state():
+    source = ArraySource(LENGTHS)
+    rec = tiny_recognizer(temporal="meanpool", integration="forward")
+    core = LocatorCore(source, rec, device="cpu")
+    assert core.observation_bounds() == (-np.inf, np.inf)
+    core.reset(torch.arange(len(LENGTHS)))
+    gs = core.global_state()
+    assert gs.shape == (len(LENGTHS), 3 * core.obs_dim + 3)
+    torch.testing.assert_close(gs[:, : core.obs_dim], core.observation[:, 0])
+    assert gs[:, -3:].eq(1).all()
+
+
+def test_sampler_seeded_and_sweep():
+    a, b = VideoSampler(50, "random", seed=4), VideoSampler(50, "random", seed=4)
+    assert a.draw(20).tolist() == b.draw(20).tolist()
+    sweep = VideoSampler(5, "sweep")
+    assert sweep.draw(3).tolist() == [0, 1, 2] and sweep.draw(4).tolist() == [3, 4, 0, 1]
+    with pytest.raises(ValueError, match="sampler"):
+        VideoSampler(5, "shuffle")

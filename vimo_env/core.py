@@ -1,0 +1,583 @@
+"""The batched locator engine: B videos x N locators, all state as tensors on one device.
+
+:class:`LocatorCore` implements SPEC section 2 (ViMo sections 3.1, 3.3, App. F) for a fixed
+batch of ``B`` rows. Every row plays one episode on one video; videos of different lengths
+share a batch. A step is a handful of tensor operations over ``[B, N]`` - no Python loop over
+videos or locators - plus one recognizer update:
+
+    core = LocatorCore(source, recognizer, num_locators=3, batch_size=B)
+    obs = core.reset(videos)                 # LongTensor [B] of video indices in the source
+    out = core.step(actions)                 # LongTensor [B, N] in {0, 1, 2, 3}
+    out.reward, out.done, out.finished       # finished: EpisodeBatch of the rows that ended
+
+Partial operation (Tianshou's collector, the autoresetting vector env): ``reset(videos,
+rows=...)`` restarts only those rows, ``step(actions, rows=...)`` steps only those rows, with
+``videos``/``actions`` holding one entry per row given. Rows never reset are inactive.
+
+Observation of locator ``i`` (float32, ``obs_dim = H + 3``)::
+
+    [h_i (H = recognizer hidden), n_i / (m + 1), p_i / (T - 1), t / m]
+
+Frame features come from a :class:`features.source.FrameSource`; the core asks it only for
+the frames locators actually visit (their initial frames on reset, then the new frame of
+every alive locator that moves), and calls ``source.begin_episodes(videos)`` on every reset.
+
+Cost accounting (SPEC section 2): GFLOPs per video = ``F * gflops_per_frame`` of the source
+plus the recognizer's inference cost, ``F`` F_T updates and one F_M + classifier evaluation,
+all in the feature file's unit (``flops_unit``, "MACs" or "FLOPs"; torch's FlopCounterMode
+counts FLOPs = 2 x MACs and is converted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from features.device import resolve_device
+from features.source import FrameSource
+from vimo_env.recognizer import Recognizer
+
+NUM_ACTIONS = 4  # stop, or move 1/2/3 strides forward
+
+
+@dataclass
+class EpisodeRecord:
+    """Accounting of one finished episode (one row of an :class:`EpisodeBatch`).
+
+    ``gflops`` is in the source's ``flops_unit`` (``"MACs"`` or ``"FLOPs"``); ``frame_rate``
+    is the fraction ``frames / length``; ``trajectories[i]`` lists the frame indices locator
+    ``i`` observed, in order, its initial frame first.
+    """
+
+    row: int
+    video: int
+    video_id: str
+    label: int
+    length: int
+    frames: int
+    frame_rate: float
+    gflops: float
+    flops_unit: str
+    scores: np.ndarray
+    correct: bool
+    trajectories: list[list[int]]
+
+    def as_info(self) -> dict:
+        """The ``episode`` info dict of SPEC section 6 (plus length, trajectories, unit)."""
+        return {
+            "video_id": self.video_id, "label": self.label, "frames": self.frames,
+            "frame_rate": self.frame_rate, "gflops": self.gflops, "scores": self.scores,
+            "correct": self.correct, "length": self.length, "flops_unit": self.flops_unit,
+            "trajectories": self.trajectories,
+        }
+
+
+@dataclass
+class EpisodeBatch:
+    """Episode accounting, as tensors, of the ``K`` rows that finished in one step.
+
+    Fields are ``[K]`` (``scores`` is ``[K, C]``, ``trajectories`` ``[K, N, m + 1]`` padded
+    with -1). :meth:`records` turns them into :class:`EpisodeRecord` objects.
+    """
+
+    rows: torch.Tensor
+    videos: torch.Tensor
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    frames: torch.Tensor
+    frame_rate: torch.Tensor
+    gflops: torch.Tensor
+    scores: torch.Tensor
+    correct: torch.Tensor
+    trajectories: torch.Tensor
+    video_ids: list[str]
+    flops_unit: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def records(self) -> list[EpisodeRecord]:
+        """One :class:`EpisodeRecord` per finished row."""
+        cols = {k: getattr(self, k).cpu().numpy() for k in (
+            "rows", "videos", "labels", "lengths", "frames", "frame_rate", "gflops", "scores",
+            "correct", "trajectories")}
+        out = []
+        for k in range(len(self)):
+            traj = cols["trajectories"][k]
+            out.append(EpisodeRecord(
+                row=int(cols["rows"][k]), video=int(cols["videos"][k]),
+                video_id=self.video_ids[k], label=int(cols["labels"][k]),
+                length=int(cols["lengths"][k]), frames=int(cols["frames"][k]),
+                frame_rate=float(cols["frame_rate"][k]), gflops=float(cols["gflops"][k]),
+                flops_unit=self.flops_unit, scores=cols["scores"][k].astype(np.float32),
+                correct=bool(cols["correct"][k]),
+                trajectories=[[int(p) for p in row if p >= 0] for row in traj],
+            ))
+        return out
+
+
+@dataclass
+class CoreObs:
+    """What :meth:`LocatorCore.reset` returns for the ``K`` rows it (re)started.
+
+    ``observation [K, N, obs_dim]``, ``alive [K, N]``, ``positions [K, N]``,
+    ``frames_observed [K, N]``, ``p_gt [K]`` (``P_0``; NaN without ``compute_rewards``),
+    ``rows [K]``.
+    """
+
+    rows: torch.Tensor
+    observation: torch.Tensor
+    alive: torch.Tensor
+    positions: torch.Tensor
+    frames_observed: torch.Tensor
+    p_gt: torch.Tensor
+
+
+@dataclass
+class CoreStep(CoreObs):
+    """What :meth:`LocatorCore.step` returns for the ``K`` rows it stepped.
+
+    Adds ``reward [K]`` (team reward ``(P_t - P_{t-1}) - lambda * N_t``; only ``-lambda * N_t``
+    without ``compute_rewards``), ``new_frames [K]`` (``N_t``), ``moved [K, N]`` (locators that
+    observed a new frame), ``done [K]`` and ``finished`` (:class:`EpisodeBatch` of the rows that
+    ended now, or None).
+    """
+
+    reward: torch.Tensor
+    new_frames: torch.Tensor
+    moved: torch.Tensor
+    done: torch.Tensor
+    finished: EpisodeBatch | None
+
+
+class LocatorCore:
+    """Batched ViMo locator engine over a frame source and a recognizer (see module doc).
+
+    Args:
+        source: frame source of one split; video indices refer to it.
+        recognizer: F_T / F_M / classifier; its ``num_locators`` must equal ``num_locators``.
+            It is moved to ``device`` and run in eval mode without gradients.
+        num_locators: N.
+        max_moves: m, moves per locator before it stops (>= 1).
+        stride: delta, frames per unit of movement.
+        frame_cost: lambda, reward penalty per newly observed frame.
+        compute_rewards: compute ``P_t`` every step; False skips F_M until an episode ends
+            (ViMo's inference), rewards then hold only the frame cost and ``p_gt`` is NaN.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
+        batch_size: B; ``None`` fixes it at the first full ``reset``.
+    """
+
+    def __init__(
+        self,
+        source: FrameSource,
+        recognizer: Recognizer,
+        *,
+        num_locators: int = 3,
+        max_moves: int = 4,
+        stride: int = 3,
+        frame_cost: float = 0.1,
+        compute_rewards: bool = True,
+        device: str | torch.device = "auto",
+        batch_size: int | None = None,
+    ) -> None:
+        if int(num_locators) < 1:
+            raise ValueError(f"num_locators must be >= 1, got {num_locators}")
+        if int(max_moves) < 1:
+            raise ValueError(f"max_moves must be >= 1, got {max_moves}")
+        if int(stride) < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        if not np.isfinite(frame_cost):
+            raise ValueError(f"frame_cost must be finite, got {frame_cost}")
+        cfg = recognizer.config
+        if cfg.num_locators != num_locators:
+            raise ValueError(
+                f"recognizer was built for num_locators={cfg.num_locators}, env has {num_locators}"
+            )
+        if cfg.feature_dim != source.feature_dim:
+            raise ValueError(
+                f"feature_dim mismatch: frame source has {source.feature_dim}, recognizer "
+                f"expects {cfg.feature_dim}"
+            )
+        if cfg.num_classes != source.num_classes:
+            raise ValueError(
+                f"num_classes mismatch: frame source has {source.num_classes} classes, "
+                f"recognizer has {cfg.num_classes}"
+            )
+        if np.any(np.asarray(source.lengths) < 1):
+            raise ValueError("frame source has a video with no frames (lengths must be >= 1)")
+        self.source = source
+        self.device = resolve_device(device)
+        self.recognizer = recognizer.to(self.device).eval()
+        self.num_locators = int(num_locators)
+        self.max_moves = int(max_moves)
+        self.stride = int(stride)
+        self.frame_cost = float(frame_cost)
+        self.compute_rewards = bool(compute_rewards)
+        self.hidden_dim = recognizer.embedding_dim
+        self.obs_dim = self.hidden_dim + 3
+        self.num_classes = cfg.num_classes
+        self.flops_unit = source.flops_unit
+        self._lengths_all = torch.as_tensor(np.asarray(source.lengths), dtype=torch.long,
+                                            device=self.device)
+        self._labels_all = torch.as_tensor(np.asarray(source.labels), dtype=torch.long,
+                                           device=self.device)
+        cost = recognizer.flops()
+        per_unit = 0.5 if self.flops_unit == "MACs" else 1.0  # recognizer counts FLOPs
+        self.recognizer_gflops_per_frame = cost["temporal_per_frame"] * per_unit / 1e9
+        self.recognizer_gflops_per_episode = cost["integration"] * per_unit / 1e9
+        self.gflops_per_frame = float(source.gflops_per_frame) + self.recognizer_gflops_per_frame
+        self.batch_size: int | None = None
+        if batch_size is not None:
+            self._allocate(int(batch_size))
+
+    # ---------------------------------------------------------------- state
+    def _allocate(self, batch: int) -> None:
+        if batch < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch}")
+        B, N, dev = batch, self.num_locators, self.device
+        self.batch_size = B
+        self.videos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.lengths = torch.ones(B, dtype=torch.long, device=dev)
+        self.labels = torch.zeros(B, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(B, N, dtype=torch.long, device=dev)
+        self.frames_observed = torch.zeros(B, N, dtype=torch.long, device=dev)
+        self.steps = torch.zeros(B, dtype=torch.long, device=dev)
+        self.alive = torch.zeros(B, N, dtype=torch.bool, device=dev)
+        self.done = torch.ones(B, dtype=torch.bool, device=dev)
+        self.active = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.p_gt = torch.full((B,), float("nan"), device=dev)
+        self.trajectories = torch.full((B, N, self.max_moves + 1), -1, dtype=torch.long,
+                                       device=dev)
+        self.state = self.recognizer.initial_state(B, dev)
+        self.observation = torch.zeros(B, N, self.obs_dim, device=dev)
+        self._locator_index = torch.arange(N, device=dev)
+
+    def _rows(self, rows: torch.Tensor | None, what: str) -> torch.Tensor | None:
+        """Validated row indices (None = all rows)."""
+        if rows is None:
+            return None
+        rows = torch.as_tensor(rows, device=self.device)
+        if rows.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"{what}: rows must be integer indices, got dtype {rows.dtype}")
+        rows = rows.long().reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.batch_size):
+            raise IndexError(f"{what}: rows must lie in [0, {self.batch_size}), "
+                             f"got {rows.tolist()}")
+        if len(torch.unique(rows)) != len(rows):
+            raise ValueError(f"{what}: rows must not repeat, got {rows.tolist()}")
+        return rows
+
+    def _observe_into(self, sel: torch.Tensor | slice) -> None:
+        """Recompute ``observation[sel]`` from the current state."""
+        emb = self.recognizer.embeddings(self.state[sel])
+        T = self.lengths[sel]
+        denom = (T - 1).clamp(min=1).unsqueeze(1).float()
+        obs = self.observation
+        H = self.hidden_dim
+        if isinstance(sel, slice):
+            obs[:, :, :H] = emb
+            obs[:, :, H] = self.frames_observed / (self.max_moves + 1)
+            obs[:, :, H + 1] = self.positions / denom
+            obs[:, :, H + 2] = (self.steps.float() / self.max_moves).unsqueeze(1)
+        else:
+            part = torch.cat([
+                emb,
+                (self.frames_observed[sel] / (self.max_moves + 1)).unsqueeze(-1),
+                (self.positions[sel] / denom).unsqueeze(-1),
+                (self.steps[sel].float() / self.max_moves)[:, None, None].expand(
+                    -1, self.num_locators, 1),
+            ], dim=-1)
+            obs[sel] = part
+
+    def _gt_prob(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``P(y)`` per row; 0 for unlabeled videos (label -1)."""
+        p = probs.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return torch.where(labels >= 0, p, torch.zeros_like(p))
+
+    # ---------------------------------------------------------------- reset
+    def reset(self, videos: torch.Tensor, rows: torch.Tensor | None = None) -> CoreObs:
+        """Start episodes on ``videos`` (indices into the source), one per row.
+
+        Without ``rows`` every row restarts (``len(videos)`` must be B, or fixes B on the first
+        call); with ``rows`` only those rows restart, ``videos[k]`` on row ``rows[k]``.
+        """
+        videos = torch.as_tensor(videos, device=self.device)
+        if videos.dtype.is_floating_point or videos.dtype == torch.bool or videos.ndim != 1:
+            raise TypeError(f"videos must be a 1-d integer tensor, got {videos.dtype} "
+                            f"of shape {tuple(videos.shape)}")
+        videos = videos.long()
+        if self.batch_size is None:
+            if rows is not None:
+                raise ValueError("the first reset must restart every row (batch_size unknown)")
+            self._allocate(len(videos))
+        rows = self._rows(rows, "reset")
+        k = self.batch_size if rows is None else len(rows)
+        if len(videos) != k:
+            raise ValueError(f"reset: got {len(videos)} videos for {k} rows")
+        V = len(self._lengths_all)
+        if k and (videos.min() < 0 or videos.max() >= V):
+            raise IndexError(f"reset: video indices must lie in [0, {V}), got "
+                             f"{videos.min().item()}..{videos.max().item()}")
+        sel: torch.Tensor | slice = slice(None) if rows is None else rows
+        self.source.begin_episodes(videos)
+        N = self.num_locators
+        with torch.no_grad():
+            T = self._lengths_all[videos]
+            labels = self._labels_all[videos]
+            start = torch.div(self._locator_index.unsqueeze(0) * T.unsqueeze(1), N,
+                              rounding_mode="floor")  # s_i = floor(i T / N)
+            self.videos[sel] = videos
+            self.lengths[sel] = T
+            self.labels[sel] = labels
+            self.positions[sel] = start
+            self.frames_observed[sel] = 1
+            self.steps[sel] = 0
+            self.alive[sel] = True
+            self.done[sel] = False
+            self.active[sel] = True
+            traj = torch.full((k, N, self.max_moves + 1), -1, dtype=torch.long, device=self.device)
+            traj[:, :, 0] = start
+            self.trajectories[sel] = traj
+            feats = self.source.gather(videos.repeat_interleave(N), start.reshape(-1))
+            feats = self._check_features(feats, k * N).reshape(k, N, -1)
+            rec = self.recognizer
+            was_training = rec.training
+            rec.eval()
+            try:
+                state = rec.observe(rec.initial_state(k, self.device), feats)
+                self.state[sel] = state
+                if self.compute_rewards:
+                    self.p_gt[sel] = self._gt_prob(rec.probs(state), labels)
+                else:
+                    self.p_gt[sel] = float("nan")
+                self._observe_into(sel)
+            finally:
+                rec.train(was_training)
+        return CoreObs(
+            rows=torch.arange(k, device=self.device) if rows is None else rows,
+            observation=self.observation[sel], alive=self.alive[sel],
+            positions=self.positions[sel], frames_observed=self.frames_observed[sel],
+            p_gt=self.p_gt[sel],
+        )
+
+    def _check_features(self, feats: torch.Tensor, count: int) -> torch.Tensor:
+        D = self.source.feature_dim
+        if feats.shape != (count, D):
+            raise ValueError(f"frame source returned features of shape {tuple(feats.shape)}, "
+                             f"expected ({count}, {D})")
+        if not torch.isfinite(feats).all():
+            raise ValueError("frame source returned non-finite features (NaN or Inf)")
+        return feats.to(self.state.dtype)
+
+    # ---------------------------------------------------------------- step
+    def _check_actions(self, actions: torch.Tensor, k: int) -> torch.Tensor:
+        actions = torch.as_tensor(actions, device=self.device)
+        N = self.num_locators
+        if tuple(actions.shape) != (k, N):
+            raise ValueError(f"actions must have shape ({k}, {N}), got {tuple(actions.shape)}")
+        if actions.dtype == torch.bool or actions.is_complex():
+            raise TypeError(f"actions must be integers in 0..{NUM_ACTIONS - 1}, got dtype "
+                            f"{actions.dtype}")
+        if actions.dtype.is_floating_point:
+            if not torch.isfinite(actions).all():
+                raise ValueError("actions contain NaN or Inf; valid actions are 0, 1, 2, 3")
+            if (actions != actions.round()).any():
+                raise ValueError(f"actions must be whole numbers in 0..{NUM_ACTIONS - 1}, got "
+                                 f"{actions[actions != actions.round()][:5].tolist()}")
+        actions = actions.long()
+        bad = (actions < 0) | (actions >= NUM_ACTIONS)
+        if bad.any():
+            raise ValueError(f"actions must lie in 0..{NUM_ACTIONS - 1} (stop, move 1-3 strides),"
+                             f" got {actions[bad][:5].tolist()}")
+        return actions
+
+    def step(self, actions: torch.Tensor, rows: torch.Tensor | None = None) -> CoreStep:
+        """Apply ``actions [K, N]`` (K = B, or ``len(rows)``) and return the team rewards.
+
+        Stopped locators' actions are ignored (but must still be in range). Stepping a row
+        whose episode has ended, or that was never reset, raises.
+        """
+        if self.batch_size is None:
+            raise RuntimeError("step() before reset()")
+        rows = self._rows(rows, "step")
+        sel: torch.Tensor | slice = slice(None) if rows is None else rows
+        k = self.batch_size if rows is None else len(rows)
+        actions = self._check_actions(actions, k)
+        ended = self.done[sel] | ~self.active[sel]
+        if ended.any():
+            bad = (torch.arange(k, device=self.device) if rows is None else rows)[ended]
+            raise RuntimeError(f"step: rows {bad[:10].tolist()} have no running episode "
+                               "(ended or never reset); reset them first")
+        N, m = self.num_locators, self.max_moves
+        with torch.no_grad():
+            alive = self.alive[sel]
+            pos = self.positions[sel]
+            last = (self.lengths[sel] - 1).unsqueeze(1)
+            moved = alive & (actions > 0) & (pos < last)  # a locator at T-1 stops instead
+            new_pos = torch.where(moved, torch.minimum(pos + actions * self.stride, last), pos)
+            n = self.frames_observed[sel] + moved.long()
+            still = moved & (n <= m)  # after its m-th move (n = m + 1 frames) it stops
+            videos = self.videos[sel]
+            idx = moved.nonzero(as_tuple=True)
+            visited = self.source.gather(videos[idx[0]], new_pos[idx])
+            visited = self._check_features(visited, len(idx[0]))
+            frames = torch.zeros(k, N, visited.shape[-1], dtype=visited.dtype, device=self.device)
+            frames[idx] = visited
+            rec = self.recognizer
+            was_training = rec.training
+            rec.eval()
+            try:
+                state = rec.observe(self.state[sel], frames, moved)
+                new_frames = moved.sum(1)
+                labels = self.labels[sel]
+                done = ~still.any(1)
+                probs = None
+                if self.compute_rewards:
+                    probs = rec.probs(state)
+                    p = self._gt_prob(probs, labels)
+                    reward = p - self.p_gt[sel] - self.frame_cost * new_frames
+                    self.p_gt[sel] = p
+                else:
+                    reward = -self.frame_cost * new_frames.to(state.dtype)
+                # trajectories: the new frame goes to slot n - 1 of each moving locator
+                traj = self.trajectories[sel]
+                slot = (n - 1).clamp(max=m).unsqueeze(-1)
+                traj = traj.scatter(2, slot, torch.where(moved, new_pos,
+                                                         traj.gather(2, slot).squeeze(-1)
+                                                         ).unsqueeze(-1))
+                if rows is None:
+                    self.state.copy_(state)
+                    self.positions.copy_(new_pos)
+                    self.frames_observed.copy_(n)
+                    self.alive.copy_(still)
+                    self.done.copy_(done)
+                    self.steps.add_(1)
+                    self.trajectories.copy_(traj)
+                else:
+                    self.state[rows] = state
+                    self.positions[rows] = new_pos
+                    self.frames_observed[rows] = n
+                    self.alive[rows] = still
+                    self.done[rows] = done
+                    self.steps[rows] += 1
+                    self.trajectories[rows] = traj
+                self._observe_into(sel)
+                finished = self._finish(rows, done, state, probs) if done.any() else None
+            finally:
+                rec.train(was_training)
+        return CoreStep(
+            rows=torch.arange(k, device=self.device) if rows is None else rows,
+            observation=self.observation[sel], alive=self.alive[sel],
+            positions=self.positions[sel], frames_observed=self.frames_observed[sel],
+            p_gt=self.p_gt[sel], reward=reward, new_frames=new_frames, moved=moved,
+            done=done, finished=finished,
+        )
+
+    def _finish(self, rows: torch.Tensor | None, done: torch.Tensor, state: torch.Tensor,
+                probs: torch.Tensor | None) -> EpisodeBatch:
+        """Episode accounting of the stepped rows that ended (``done`` is over those rows)."""
+        local = done.nonzero(as_tuple=True)[0]
+        batch_rows = local if rows is None else rows[local]
+        if probs is None:  # F_M runs once per episode, at its end (ViMo inference)
+            scores = self.recognizer.probs(state[local])
+            self.p_gt[batch_rows] = self._gt_prob(scores, self.labels[batch_rows])
+        else:
+            scores = probs[local]
+        labels = self.labels[batch_rows]
+        lengths = self.lengths[batch_rows]
+        frames = self.frames_observed[batch_rows].sum(1)
+        gflops = (frames.double() * self.gflops_per_frame + self.recognizer_gflops_per_episode)
+        videos = self.videos[batch_rows]
+        ids = self.source.video_ids
+        return EpisodeBatch(
+            rows=batch_rows, videos=videos, labels=labels, lengths=lengths, frames=frames,
+            frame_rate=frames.double() / lengths, gflops=gflops, scores=scores,
+            correct=(scores.argmax(1) == labels) & (labels >= 0),
+            trajectories=self.trajectories[batch_rows],
+            video_ids=[ids[v] for v in videos.tolist()], flops_unit=self.flops_unit,
+        )
+
+    # ---------------------------------------------------------------- views
+    def global_state(self) -> torch.Tensor:
+        """Centralized-critic state ``[B, N * obs_dim + N]``: all observations + alive flags."""
+        return torch.cat([self.observation.flatten(1), self.alive.to(self.observation.dtype)], 1)
+
+    def observation_bounds(self) -> tuple[float, float]:
+        """Bounds of the ``h_i`` part of an observation (LSTM: [-1, 1], pools: unbounded)."""
+        if self.recognizer.config.temporal == "lstm":
+            return -1.0, 1.0
+        return -np.inf, np.inf
+
+
+# -------------------------------------------------------------------- construction helpers
+SAMPLERS = ("random", "sweep")
+
+
+class VideoSampler:
+    """Chooses the videos of new episodes: ``"random"`` (uniform, seeded) or ``"sweep"``.
+
+    ``"sweep"`` visits videos 0, 1, 2, ... in order and wraps around (evaluation). The random
+    generator is created at the first draw, not in ``__init__``, so copies made with
+    cloudpickle before the first reset (SuperSuit) do not share a stream.
+    """
+
+    def __init__(self, num_videos: int, mode: str = "random", seed: int | None = None) -> None:
+        if mode not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {mode!r}")
+        if num_videos < 1:
+            raise ValueError("the split has no videos to sample from")
+        self.num_videos = int(num_videos)
+        self.mode = mode
+        self._seed = seed
+        self._rng: np.random.Generator | None = None
+        self._next = 0
+
+    def seed(self, seed: int | None) -> None:
+        """Restart the random stream from ``seed`` and the sweep from video 0."""
+        self._seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._next = 0
+
+    def draw(self, count: int) -> np.ndarray:
+        """Video indices (int64 ``[count]``) for the next ``count`` episodes."""
+        if self.mode == "sweep":
+            out = (self._next + np.arange(count)) % self.num_videos
+            self._next = int((self._next + count) % self.num_videos)
+            return out.astype(np.int64)
+        if self._rng is None:
+            self._rng = np.random.default_rng(self._seed)
+        return self._rng.integers(0, self.num_videos, size=count, dtype=np.int64)
+
+
+def load_source(features: object, split: str | None, device: str | torch.device) -> FrameSource:
+    """A frame source: ``features`` is a FrameSource, or a ``vimo-features`` HDF5 path."""
+    if isinstance(features, FrameSource):
+        return features
+    if features is None:
+        raise ValueError("features= is required: a vimo-features HDF5 path or a FrameSource")
+    from features.source import CachedFrameSource
+
+    return CachedFrameSource(features, split=split, device=device)
+
+
+def load_recognizer(recognizer: object, source: FrameSource, num_locators: int,
+                    seed: int | None) -> Recognizer:
+    """A recognizer: an object, a checkpoint path, or None (fresh default, seeded by ``seed``)."""
+    if isinstance(recognizer, Recognizer):
+        return recognizer
+    if recognizer is None:
+        from vimo_env.recognizer import RecognizerConfig
+
+        config = RecognizerConfig(feature_dim=source.feature_dim,
+                                  num_classes=source.num_classes, num_locators=num_locators)
+        if seed is None:
+            return Recognizer(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Recognizer(config)
+    if isinstance(recognizer, (str, bytes)) or hasattr(recognizer, "__fspath__"):
+        return Recognizer.load(recognizer)
+    raise TypeError(f"recognizer must be a Recognizer, a checkpoint path or None, "
+                    f"got {type(recognizer).__name__}")

@@ -1,0 +1,299 @@
+"""Gymnasium front-ends: ``VideoLocators-v0`` (joint control) and its native batched VectorEnv.
+
+* :class:`VideoLocatorsEnv` - one policy controls all N locators of one video:
+  observation ``Dict(observation=Box(N, obs_dim), alive=MultiBinary(N))``, action
+  ``MultiDiscrete([4] * N)``, team reward, terminated when every locator stopped. Stopped
+  locators' actions are ignored (they must still be in range).
+* :class:`VideoLocatorsVectorEnv` - ``gymnasium.make_vec("VideoLocators-v0", num_envs=B,
+  vectorization_mode="vector_entry_point", features=...)``: B episodes on the batched core,
+  autoreset ``NEXT_STEP`` (the step after a row terminates resets that row and ignores its
+  action; that step returns reward 0 and ``terminated=False``).
+
+Infos hold ``position [N]``, ``frames [N]``, ``p_gt`` and, when an episode ends, ``episode``:
+SPEC section 6's dict plus ``r`` (return) and ``l`` (steps), so SB3 logging works without its
+Monitor. Gymnasium's ``RecordEpisodeStatistics`` writes the same key: give it another
+``stats_key``. In the vector env every value is batched and ``_episode`` masks the rows
+that ended (Gymnasium's convention).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from vimo_env.core import (
+    NUM_ACTIONS,
+    EpisodeBatch,
+    LocatorCore,
+    VideoSampler,
+    load_recognizer,
+    load_source,
+)
+from vimo_env.parallel_env import RENDER_MODES, action_from, observation_space_for
+from vimo_env.render import render_row
+
+ENV_ID = "VideoLocators-v0"
+
+
+def _build(features: Any, recognizer: Any, split: str | None, num_locators: int,
+           max_moves: int, stride: int, frame_cost: float, device: Any, seed: int | None,
+           compute_rewards: bool, batch_size: int) -> LocatorCore:
+    source = load_source(features, split, device)
+    rec = load_recognizer(recognizer, source, num_locators, seed)
+    return LocatorCore(source, rec, num_locators=num_locators, max_moves=max_moves,
+                       stride=stride, frame_cost=frame_cost, compute_rewards=compute_rewards,
+                       device=device, batch_size=batch_size)
+
+
+def _single_spaces(core: LocatorCore) -> tuple[spaces.Dict, spaces.MultiDiscrete]:
+    one = observation_space_for(core)
+    N = core.num_locators
+    box = spaces.Box(low=np.tile(one.low, (N, 1)), high=np.tile(one.high, (N, 1)),
+                     dtype=np.float32)
+    obs = spaces.Dict({"observation": box, "alive": spaces.MultiBinary(N)})
+    return obs, spaces.MultiDiscrete([NUM_ACTIONS] * N)
+
+
+class VideoLocatorsEnv(gymnasium.Env):
+    """Joint-control ViMo environment (one video per episode); see the module doc.
+
+    Keywords as :func:`vimo_env.parallel_env` (SPEC section 6) plus ``sampler`` and
+    ``compute_rewards``.
+    """
+
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
+
+    def __init__(
+        self,
+        features: Any = None,
+        recognizer: Any = None,
+        split: str | None = "train",
+        num_locators: int = 3,
+        max_moves: int = 4,
+        stride: int = 3,
+        frame_cost: float = 0.1,
+        device: str | torch.device = "auto",
+        seed: int | None = None,
+        render_mode: str | None = None,
+        sampler: str = "random",
+        compute_rewards: bool = True,
+    ) -> None:
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            raise ValueError(f"render_mode must be one of {RENDER_MODES} or None, "
+                             f"got {render_mode!r}")
+        self.render_mode = render_mode
+        self.core = _build(features, recognizer, split, num_locators, max_moves, stride,
+                           frame_cost, device, seed, compute_rewards, batch_size=1)
+        self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
+        self.observation_space, self.action_space = _single_spaces(self.core)
+        self._return = 0.0
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        core = self.core
+        return {"observation": core.observation[0].cpu().numpy().copy(),
+                "alive": core.alive[0].cpu().numpy().astype(np.int8)}
+
+    def _info(self) -> dict[str, Any]:
+        core = self.core
+        return {"position": core.positions[0].cpu().numpy().copy(),
+                "frames": core.frames_observed[0].cpu().numpy().copy(),
+                "p_gt": float(core.p_gt[0])}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        if seed is not None:
+            self.sampler.seed(seed)
+        if options and "video" in options:
+            video = int(options["video"])
+            if not 0 <= video < self.core.source.num_videos:
+                raise IndexError(f"options['video']={video} outside "
+                                 f"[0, {self.core.source.num_videos})")
+        else:
+            video = int(self.sampler.draw(1)[0])
+        self.core.reset(torch.tensor([video], device=self.core.device))
+        self._return = 0.0
+        return self._obs(), self._info()
+
+    def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+        core = self.core
+        if core.batch_size is None or not bool(core.active[0]):
+            raise RuntimeError("step() before reset()")
+        if bool(core.done[0]):
+            raise RuntimeError("step() after the episode ended (every locator stopped); "
+                               "call reset()")
+        arr = np.asarray(action)
+        N = core.num_locators
+        if arr.shape != (N,):
+            raise ValueError(f"action must have shape ({N},) (one per locator), got {arr.shape}")
+        joint = [action_from(arr[i], f"locator_{i}") for i in range(N)]
+        out = core.step(torch.tensor([joint], device=core.device))
+        reward = float(out.reward[0])
+        self._return += reward
+        info = self._info()
+        terminated = bool(out.done[0])
+        if out.finished is not None:
+            info["episode"] = out.finished.records()[0].as_info()
+            info["episode"].update(r=self._return, l=int(core.steps[0]))
+        return self._obs(), reward, terminated, False, info
+
+    def render(self) -> str | np.ndarray | None:
+        if self.render_mode is None:
+            gymnasium.logger.warn("render() called without a render_mode; pass render_mode=")
+            return None
+        core = self.core
+        title = core.source.video_ids[int(core.videos[0])] if core.batch_size else ""
+        out = render_row(core, 0, "ansi" if self.render_mode == "human" else self.render_mode,
+                         title)
+        if self.render_mode == "human":
+            print(out)
+            return None
+        return out
+
+
+class VideoLocatorsVectorEnv(VectorEnv):
+    """``num_envs`` joint-control episodes stepped together on the batched core.
+
+    Same single spaces as :class:`VideoLocatorsEnv`; observations, rewards and flags are
+    batched numpy arrays; autoreset mode ``NEXT_STEP``. Each finished row draws its next video
+    from the sampler (``"random"`` seeded by ``seed``/``reset(seed=)``, or ``"sweep"``).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi", "rgb_array"],
+                "render_fps": 4}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        features: Any = None,
+        recognizer: Any = None,
+        split: str | None = "train",
+        num_locators: int = 3,
+        max_moves: int = 4,
+        stride: int = 3,
+        frame_cost: float = 0.1,
+        device: str | torch.device = "auto",
+        seed: int | None = None,
+        render_mode: str | None = None,
+        sampler: str = "random",
+        compute_rewards: bool = True,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be 'ansi', 'rgb_array' or None, "
+                             f"got {render_mode!r}")
+        self.render_mode = render_mode
+        self.num_envs = int(num_envs)
+        self.core = _build(features, recognizer, split, num_locators, max_moves, stride,
+                           frame_cost, device, seed, compute_rewards, batch_size=self.num_envs)
+        self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
+        self.single_observation_space, self.single_action_space = _single_spaces(self.core)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._needs_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.core.device)
+        self._returns = np.zeros(self.num_envs)
+
+    def _draw(self, count: int) -> torch.Tensor:
+        return torch.as_tensor(self.sampler.draw(count), device=self.core.device)
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        core = self.core
+        return {"observation": core.observation.cpu().numpy().copy(),
+                "alive": core.alive.cpu().numpy().astype(np.int8)}
+
+    def _info(self) -> dict[str, Any]:
+        core = self.core
+        return {"position": core.positions.cpu().numpy().copy(),
+                "frames": core.frames_observed.cpu().numpy().copy(),
+                "p_gt": core.p_gt.cpu().numpy().copy()}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        if seed is not None:
+            self.sampler.seed(seed)
+            self.action_space.seed(seed)
+        self.core.reset(self._draw(self.num_envs))
+        self._needs_reset.zero_()
+        self._returns[:] = 0.0
+        return self._obs(), self._info()
+
+    def step(self, actions: Any) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray,
+                                          np.ndarray, dict[str, Any]]:
+        core = self.core
+        if core.batch_size is None or not bool(core.active.all()):
+            raise RuntimeError("step() before reset()")
+        B, N = self.num_envs, core.num_locators
+        actions = torch.as_tensor(np.asarray(actions), device=core.device)
+        if tuple(actions.shape) != (B, N):
+            raise ValueError(f"actions must have shape ({B}, {N}), got {tuple(actions.shape)}")
+        # every row's action is validated, restarting rows' too (then ignored)
+        actions = core._check_actions(actions, B)
+        rewards = np.zeros(B)
+        terminated = np.zeros(B, dtype=bool)
+        restart = self._needs_reset.nonzero(as_tuple=True)[0]
+        finished: EpisodeBatch | None = None
+        if len(restart) < B:
+            rows = None if len(restart) == 0 else (~self._needs_reset).nonzero(as_tuple=True)[0]
+            out = core.step(actions if rows is None else actions[rows], rows=rows)
+            stepped = slice(None) if rows is None else rows.cpu().numpy()
+            rewards[stepped] = out.reward.double().cpu().numpy()
+            terminated[stepped] = out.done.cpu().numpy()
+            finished = out.finished
+        if len(restart):
+            core.reset(self._draw(len(restart)), rows=restart)
+            self._returns[restart.cpu().numpy()] = 0.0
+        self._returns += rewards
+        self._needs_reset = torch.as_tensor(terminated, device=core.device)
+        info = self._info()
+        if finished is not None:
+            info["episode"], info["_episode"] = self._episode_info(finished)
+        return self._obs(), rewards, terminated, np.zeros(B, dtype=bool), info
+
+    def _episode_info(self, batch: EpisodeBatch) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        B = self.num_envs
+        rows = batch.rows.cpu().numpy()
+        mask = np.zeros(B, dtype=bool)
+        mask[rows] = True
+
+        def spread(values: torch.Tensor | np.ndarray, fill: Any = 0) -> np.ndarray:
+            values = values.cpu().numpy() if isinstance(values, torch.Tensor) else values
+            out = np.full((B, *values.shape[1:]), fill, dtype=values.dtype)
+            out[rows] = values
+            return out
+
+        ids = np.empty(B, dtype=object)
+        ids[:] = ""
+        ids[rows] = batch.video_ids
+        episode = {
+            "video_id": ids, "label": spread(batch.labels), "frames": spread(batch.frames),
+            "frame_rate": spread(batch.frame_rate), "gflops": spread(batch.gflops),
+            "scores": spread(batch.scores), "correct": spread(batch.correct, False),
+            "length": spread(batch.lengths), "trajectories": spread(batch.trajectories, -1),
+            "r": np.where(mask, self._returns, 0.0), "l": spread(self.core.steps[batch.rows]),
+        }
+        return episode, mask
+
+    def render(self) -> str | np.ndarray | None:
+        """Row 0's timeline."""
+        if self.render_mode is None:
+            return None
+        core = self.core
+        return render_row(core, 0, self.render_mode,
+                          core.source.video_ids[int(core.videos[0])])
+
+
+def register() -> None:
+    """Register ``VideoLocators-v0`` with Gymnasium (idempotent)."""
+    if ENV_ID in gymnasium.registry:
+        return
+    gymnasium.register(
+        id=ENV_ID,
+        entry_point="vimo_env.gym_env:VideoLocatorsEnv",
+        vector_entry_point="vimo_env.gym_env:VideoLocatorsVectorEnv",
+    )
