@@ -1,0 +1,168 @@
+"""The Gymnasium front-ends: env checkers, SB3 PPO, the native vector env and its autoreset."""
+
+from __future__ import annotations
+
+import gymnasium
+import numpy as np
+import pytest
+from env_helpers import tiny_recognizer, write_tiny_h5
+from gymnasium.utils.env_checker import check_env
+
+import vimo_env  # noqa: F401 - the import registers VideoLocators-v0
+from vimo_env.gym_env import VideoLocatorsEnv, VideoLocatorsVectorEnv
+
+LENGTHS = [10, 7, 2, 1, 13, 4, 30, 25]
+
+
+@pytest.fixture(scope="module")
+def h5(tmp_path_factory):
+    return write_tiny_h5(tmp_path_factory.mktemp("features") / "tiny.h5", LENGTHS)
+
+
+def kwargs(h5, **kw):
+    base = dict(features=h5, recognizer=tiny_recognizer(seed=1), device="cpu", seed=0)
+    base.update(kw)
+    return base
+
+
+def test_registered_and_gymnasium_check_env(h5):
+    assert "VideoLocators-v0" in gymnasium.registry
+    env = gymnasium.make("VideoLocators-v0", **kwargs(h5))
+    check_env(env.unwrapped)
+    assert env.observation_space["observation"].shape == (3, 8 + 3)
+    assert env.action_space == gymnasium.spaces.MultiDiscrete([4, 4, 4])
+
+
+def test_sb3_check_env_and_ppo(h5):
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+    from stable_baselines3.common.env_util import make_vec_env
+
+    sb3_check_env(VideoLocatorsEnv(**kwargs(h5)), warn=False)
+    venv = make_vec_env(VideoLocatorsEnv, n_envs=2, seed=0, env_kwargs=kwargs(h5))
+    model = PPO("MultiInputPolicy", venv, n_steps=64, batch_size=32, n_epochs=1, seed=0,
+                device="cpu", policy_kwargs=dict(net_arch=[16]))
+    model.learn(total_timesteps=256)
+    assert model.num_timesteps >= 256
+    assert len(model.ep_info_buffer) > 0  # episodes finished and were logged
+
+
+def test_joint_env_episode(h5):
+    env = VideoLocatorsEnv(**kwargs(h5, frame_cost=0.1))
+    obs, info = env.reset(options={"video": 0})  # T = 10
+    assert info["position"].tolist() == [0, 3, 6]
+    p0 = info["p_gt"]
+    obs, r1, term, trunc, info = env.step(np.array([0, 1, 3]))
+    assert (term, trunc) == (False, False)
+    assert obs["alive"].tolist() == [0, 1, 1] and obs["alive"].dtype == np.int8
+    assert info["position"].tolist() == [0, 6, 9]
+    obs, r2, term, trunc, info = env.step(np.array([3, 0, 2]))  # dead locator 0: ignored
+    assert term is True and info["position"].tolist() == [0, 6, 9]
+    ep = info["episode"]
+    assert ep["frames"] == 5 and ep["l"] == 2
+    assert ep["r"] == pytest.approx(r1 + r2)
+    assert r1 + r2 == pytest.approx(ep["scores"][ep["label"]] - p0 - 0.1 * 2, abs=1e-5)
+    with pytest.raises(RuntimeError, match="ended"):
+        env.step(np.array([1, 1, 1]))
+    env.reset()
+    for bad in ([1, 1], [1, 1, 4], [1.5, 1, 1], [np.nan, 1, 1]):
+        with pytest.raises(ValueError):
+            env.step(np.array(bad))
+
+
+def test_make_vec_native_and_autoreset_next_step(h5):
+    B = 5
+    venv = gymnasium.make_vec("VideoLocators-v0", num_envs=B,
+                              vectorization_mode="vector_entry_point", **kwargs(h5))
+    assert isinstance(venv.unwrapped, VideoLocatorsVectorEnv)
+    assert venv.metadata["autoreset_mode"] == gymnasium.vector.AutoresetMode.NEXT_STEP
+    assert venv.single_action_space == gymnasium.spaces.MultiDiscrete([4, 4, 4])
+    obs, info = venv.reset(seed=3)
+    assert obs["observation"].shape == (B, 3, 11) and venv.observation_space.contains(obs)
+    rng = np.random.default_rng(0)
+    prev_done = np.zeros(B, dtype=bool)
+    returns = np.zeros(B)
+    finished = 0
+    for _ in range(40):
+        actions = rng.integers(0, 4, size=(B, 3))
+        obs, rew, term, trunc, info = venv.step(actions)
+        assert venv.observation_space.contains(obs)
+        assert not trunc.any()
+        # rows that ended last step were reset now: fresh episode, reward 0, not terminated
+        assert (rew[prev_done] == 0).all() and not term[prev_done].any()
+        assert (info["frames"][prev_done] == 1).all()
+        assert (obs["observation"][prev_done][:, :, -1] == 0).all()  # step counter t/m = 0
+        assert obs["alive"][prev_done].all()
+        returns[~prev_done] += rew[~prev_done]
+        if term.any():
+            assert info["_episode"].tolist() == term.tolist()
+            np.testing.assert_allclose(info["episode"]["r"][term], returns[term])
+            assert (info["episode"]["frames"][term] >= 3).all()
+            assert all(v.startswith("vid") for v in info["episode"]["video_id"][term])
+            finished += int(term.sum())
+        returns[term] = 0.0
+        returns[prev_done] = rew[prev_done]
+        prev_done = term
+    assert finished >= B
+
+
+def test_vector_env_matches_single_env(h5):
+    """Row b of the vector env replays exactly what a B=1 env does on the same video."""
+    B = 4
+    venv = VideoLocatorsVectorEnv(num_envs=B, **kwargs(h5, sampler="sweep"))
+    obs, _ = venv.reset()
+    videos = venv.core.videos.tolist()
+    singles = [VideoLocatorsEnv(**kwargs(h5)) for _ in range(B)]
+    single_obs = [s.reset(options={"video": v})[0] for s, v in zip(singles, videos, strict=True)]
+    for b in range(B):
+        np.testing.assert_allclose(obs["observation"][b], single_obs[b]["observation"],
+                                   atol=1e-6)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        actions = rng.integers(1, 4, size=(B, 3))
+        obs, rew, term, _, _ = venv.step(actions)
+        for b, s in enumerate(singles):
+            if s.core.done[0]:
+                continue
+            o, r, t, _, _ = s.step(actions[b])
+            assert r == pytest.approx(rew[b], abs=1e-6) and t == term[b]
+            np.testing.assert_allclose(obs["observation"][b], o["observation"], atol=1e-6)
+
+
+def test_vector_env_rejects_bad_actions(h5):
+    venv = VideoLocatorsVectorEnv(num_envs=3, **kwargs(h5))
+    venv.reset(seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        venv.step(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="0..3"):
+        venv.step(np.full((3, 3), 5))
+    with pytest.raises(ValueError, match="NaN"):
+        venv.step(np.full((3, 3), np.nan))
+
+
+def test_vector_env_seed_determinism(h5):
+    def run(seed):
+        venv = VideoLocatorsVectorEnv(num_envs=4, **kwargs(h5))
+        obs, _ = venv.reset(seed=seed)
+        out = [obs["observation"]]
+        rng = np.random.default_rng(seed)
+        for _ in range(10):
+            obs, rew, *_ = venv.step(rng.integers(0, 4, size=(4, 3)))
+            out += [obs["observation"], rew]
+        return out
+
+    a, b = run(5), run(5)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, run(6), strict=True))
+
+
+def test_lean_vector_env_rewards_are_frame_costs(h5):
+    venv = VideoLocatorsVectorEnv(num_envs=4, **kwargs(h5, compute_rewards=False,
+                                                        frame_cost=0.25))
+    venv.reset(seed=0)
+    frames_before = venv.core.frames_observed.sum(1).clone()
+    _, rew, term, _, info = venv.step(np.ones((4, 3), dtype=np.int64))
+    new = venv.core.frames_observed.sum(1) - frames_before
+    np.testing.assert_allclose(rew, -0.25 * new.numpy())
+    # P_t is only computed when an episode ends
+    assert np.isnan(info["p_gt"][~term]).all() and np.isfinite(info["p_gt"][term]).all()
