@@ -1,0 +1,143 @@
+"""Metrics, per-segment frame selection and Stage I training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agents.metrics import mean_average_precision, top1_accuracy
+from agents.selection import evaluate_selection, expected_count, segment_bounds, select_frames
+from agents.stage1 import BEST, LAST, Stage1Config, train_stage1
+from vimo_env.recognizer import Recognizer
+
+SMALL_NET = {"hidden_dim": 32, "transformer_dim": 32, "transformer_layers": 1,
+             "transformer_ff_dim": 64, "dropout": 0.1}
+POLICIES = ["all", "initial", "uniform-25", "uniform-50", "random-25", "random-50"]
+
+
+# ---------------------------------------------------------------- metrics
+def test_map_hand_case():
+    scores = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    labels = np.array([0, 1, 0, 1])
+    # class 0 ranking by score: v0 (+), v1 (-), v2 (+), v3 (-) -> AP = (1/1 + 2/3) / 2
+    # class 1 ranking: v3 (+), v2 (-), v1 (+), v0 (-) -> AP = (1/1 + 2/3) / 2
+    assert mean_average_precision(scores, labels) == pytest.approx(100 * 5 / 6)
+    assert top1_accuracy(scores, labels) == pytest.approx(50.0)
+    perfect = np.eye(3)[[0, 1, 2, 2]]
+    assert mean_average_precision(perfect, np.array([0, 1, 2, 2])) == pytest.approx(100.0)
+
+
+def test_map_skips_absent_classes_and_rejects_bad_input():
+    scores = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1]])
+    # class 2 has no positive video: skipped, not counted as 0
+    assert mean_average_precision(scores, np.array([0, 1])) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="labels"):
+        mean_average_precision(scores, np.array([0, 3]))
+    with pytest.raises(ValueError, match="NaN"):
+        mean_average_precision(np.full((2, 3), np.nan), np.array([0, 1]))
+    with pytest.raises(ValueError, match="scores"):
+        top1_accuracy(np.ones(3), np.array([0]))
+
+
+# ---------------------------------------------------------------- selection
+@pytest.mark.parametrize("policy", POLICIES)
+def test_selection_invariants(policy):
+    rng = np.random.default_rng(0)
+    lengths = np.array([3, 4, 10, 37, 60, 121, 180])
+    N = 3
+    idx, mask = select_frames(lengths, N, policy, rng)
+    assert idx.dtype == np.int64 and mask.dtype == bool and idx.shape == mask.shape
+    assert idx.shape[:2] == (len(lengths), N)
+    bounds = segment_bounds(lengths, N)
+    for b, T in enumerate(lengths):
+        for i in range(N):
+            s, e = bounds[b, i], bounds[b, i + 1]
+            assert s == (i * T) // N
+            frames = idx[b, i][mask[b, i]]
+            assert mask[b, i, : len(frames)].all()  # real frames first, padding after
+            assert frames[0] == s  # initial frame always included
+            assert np.all(np.diff(frames) > 0)  # temporal order, no repeats
+            assert frames.min() >= s and frames.max() < e  # within the segment
+            assert len(frames) == expected_count(e - s, policy)
+    assert mask.any(axis=-1).all()
+    assert (idx >= 0).all() and (idx < lengths[:, None, None]).all()  # padding is a valid index
+
+
+def test_selection_counts_and_uniform_spacing():
+    idx, mask = select_frames(np.array([120]), 3, "uniform-25", None)
+    assert mask.sum() == 30
+    np.testing.assert_array_equal(idx[0, 1], 40 + 4 * np.arange(10))
+    idx, mask = select_frames(np.array([120]), 3, "all", None)
+    np.testing.assert_array_equal(idx[0][mask[0]], np.arange(120))
+
+
+def test_random_selection_deterministic_and_varied():
+    lengths = np.full(200, 90)
+    a = select_frames(lengths, 3, "random-25", np.random.default_rng(1))
+    b = select_frames(lengths, 3, "random-25", np.random.default_rng(1))
+    c = select_frames(lengths, 3, "random-25", np.random.default_rng(2))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0])
+    # every non-initial frame of a segment is picked about equally often
+    picked = np.bincount(a[0][a[1]] % 30, minlength=30)[1:]
+    assert picked.min() > 0.5 * picked.mean()
+
+
+def test_selection_bad_input():
+    with pytest.raises(ValueError, match="policy"):
+        select_frames(np.array([30]), 3, "random-0", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="policy"):
+        select_frames(np.array([30]), 3, "best", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="rng"):
+        select_frames(np.array([30]), 3, "random-25", None)
+    with pytest.raises(ValueError, match="num_locators"):
+        select_frames(np.array([2]), 3, "all", None)
+
+
+# ---------------------------------------------------------------- Stage I
+def _config(tmp_path, epochs, **kw):
+    return Stage1Config(epochs=epochs, batch_size=16, lr=3e-3, seed=0, recognizer=SMALL_NET,
+                        device="cpu", out_dir=str(tmp_path), **kw)
+
+
+def test_stage1_learns_tiny(tiny_dataset, tmp_path):
+    model, history = train_stage1(tiny_dataset, _config(tmp_path, 10), progress=False)
+    assert len(history["epochs"]) == 10
+    losses = [e["loss"] for e in history["epochs"]]
+    assert losses[-1] < 0.8 * losses[0]
+    final = history["final"]
+    chance_map = 100 / 6 * 1.5  # mAP of random scores is about the class prior, 1/6
+    assert final["all"]["mAP"] > 2 * chance_map
+    assert final["random-25"]["mAP"] > chance_map
+    assert final["all"]["frame_rate"] == pytest.approx(100.0)
+    assert (tmp_path / BEST).exists() and (tmp_path / LAST).exists()
+    best = Recognizer.load(tmp_path / BEST)
+    again = evaluate_selection(best, tiny_dataset, "all", split="test", device="cpu")
+    assert again["mAP"] == pytest.approx(final["all"]["mAP"])
+    assert history["best_val_mAP"] == max(e["val_mAP"] for e in history["epochs"])
+
+
+def test_stage1_resume_equals_uninterrupted(tiny_dataset, tmp_path):
+    straight, h_straight = train_stage1(tiny_dataset, _config(tmp_path / "a", 4), progress=False)
+    train_stage1(tiny_dataset, _config(tmp_path / "b", 2), progress=False)  # "interrupted"
+    resumed, h_resumed = train_stage1(tiny_dataset, _config(tmp_path / "b", 4), resume=True,
+                                      progress=False)
+    assert len(h_resumed["epochs"]) == 4
+    for a, b in zip(h_straight["epochs"], h_resumed["epochs"], strict=True):
+        assert a["loss"] == b["loss"] and a["val_mAP"] == b["val_mAP"]
+    last_a = torch.load(tmp_path / "a" / LAST, weights_only=False)["model"]
+    last_b = torch.load(tmp_path / "b" / LAST, weights_only=False)["model"]
+    for k in last_a:
+        assert torch.equal(last_a[k], last_b[k]), k
+    assert h_straight["final"] == h_resumed["final"]
+
+
+def test_stage1_resume_rejects_changed_settings(tiny_dataset, tmp_path):
+    train_stage1(tiny_dataset, _config(tmp_path, 1), progress=False)
+    changed = Stage1Config(epochs=2, batch_size=8, lr=3e-3, recognizer=SMALL_NET, device="cpu",
+                           out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="batch_size"):
+        train_stage1(tiny_dataset, changed, resume=True, progress=False)
+    with pytest.raises(ValueError, match="recognizer"):
+        Stage1Config(recognizer={"hiden_dim": 3})
