@@ -620,11 +620,12 @@ class FeatureWriter:
         if len(set(self.class_names)) != len(self.class_names):
             raise FeatureStoreError(where, "class_names", "class names must be unique")
 
-    def _create(self, attrs: dict[str, Any], chunk_rows: int | None) -> h5py.File:
+    def _create(self, attrs: dict[str, Any], chunk_rows: int | None,
+                target: Path | None = None) -> h5py.File:
         if chunk_rows is None:
             chunk_rows = max(1, CHUNK_BYTES // (self.feature_dim * self.dtype.itemsize))
         self.partial_path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.partial_path, "w")
+        f = h5py.File(target or self.partial_path, "w")
         f.attrs.update(attrs)
         f.create_dataset("class_names", data=self.class_names, dtype=_STR)
         f.create_dataset("features", shape=(0, self.feature_dim), maxshape=(None, self.feature_dim),
@@ -636,43 +637,84 @@ class FeatureWriter:
         return f
 
     def _reopen(self, attrs: dict[str, Any]) -> h5py.File:
-        """Open the partial file and cut it back to its last committed video."""
+        """Copy the partial file's committed videos into a fresh partial file and open that.
+
+        HDF5 is not crash-safe: a process killed in the middle of a flush can leave internal
+        structures (e.g. the heap of variable-length strings) damaged in ways that only show on
+        the next write. Copying the committed content into a new file, which replaces the old
+        one only once complete, leaves nothing of the crash behind.
+        """
         where = self.partial_path
         try:
-            f = h5py.File(where, "a")
+            old = h5py.File(where, "r")
         except OSError as exc:
             raise FeatureStoreError(where, "<file>", f"cannot resume: partial file unreadable "
                                     f"({exc}); delete it to start afresh") from None
+        fresh_path = where.with_name(where.name + ".resume")
         try:
-            for name in DATASETS:
-                if name not in f:
-                    raise FeatureStoreError(where, name, "cannot resume: dataset missing")
-            for name, value in attrs.items():
-                stored = _decode(f.attrs.get(name))
-                if stored != value:
-                    raise FeatureStoreError(where, name, f"cannot resume: file has {stored!r}, "
-                                            f"writer was given {value!r}")
-            stored_classes = f["class_names"].asstr()[()].tolist()
-            if stored_classes != self.class_names:
-                raise FeatureStoreError(where, "class_names", "cannot resume: class names differ")
-            if f["features"].dtype != self.dtype:
-                raise FeatureStoreError(where, "features", f"cannot resume: file stores "
-                                        f"{f['features'].dtype}, writer was given {self.dtype}")
-            offsets = f["offsets"][()]
-            num_videos = min(len(offsets) - 1, len(f["video_ids"]), len(f["labels"]),
-                             len(f["splits"]))
-            # A video counts once its offset is in and its rows exist.
-            while num_videos > 0 and offsets[num_videos] > len(f["features"]):
-                num_videos -= 1
-            f["offsets"].resize(num_videos + 1, axis=0)
-            for name in ("video_ids", "labels", "splits"):
-                f[name].resize(num_videos, axis=0)
-            f["features"].resize(int(offsets[num_videos]), axis=0)
-            f.flush()
-            return f
-        except BaseException:
-            f.close()
-            raise
+            with old:
+                num_videos, index = self._committed(old, attrs)
+                fresh = self._create(attrs, old["features"].chunks[0], target=fresh_path)
+                try:
+                    self._copy_committed(old, fresh, num_videos, index)
+                except BaseException:
+                    fresh.close()
+                    raise
+        except OSError as exc:
+            fresh_path.unlink(missing_ok=True)
+            raise FeatureStoreError(where, "<file>", f"cannot resume: partial file damaged "
+                                    f"({exc}); delete it to start afresh") from None
+        os.replace(fresh_path, where)  # the open handle follows the file
+        return fresh
+
+    def _committed(self, old: h5py.File, attrs: dict[str, Any]) -> tuple[int, dict]:
+        """Check the old partial file matches this writer; its committed videos' index."""
+        where = self.partial_path
+        for name in DATASETS:
+            if name not in old:
+                raise FeatureStoreError(where, name, "cannot resume: dataset missing")
+        for name, value in attrs.items():
+            stored = _decode(old.attrs.get(name))
+            if stored != value:
+                raise FeatureStoreError(where, name, f"cannot resume: file has {stored!r}, "
+                                        f"writer was given {value!r}")
+        if _read_strings(where, old["class_names"], "class_names").tolist() != self.class_names:
+            raise FeatureStoreError(where, "class_names", "cannot resume: class names differ")
+        if old["features"].dtype != self.dtype:
+            raise FeatureStoreError(where, "features", f"cannot resume: file stores "
+                                    f"{old['features'].dtype}, writer was given {self.dtype}")
+        offsets = _read_ints(where, old["offsets"], "offsets")
+        num_videos = min(len(offsets) - 1, len(old["video_ids"]), len(old["labels"]),
+                         len(old["splits"]))
+        # A video counts once its offset is in, its rows exist and offsets still make sense.
+        while num_videos > 0 and (offsets[num_videos] > len(old["features"])
+                                  or np.any(np.diff(offsets[: num_videos + 1]) < 0)):
+            num_videos -= 1
+        index = {
+            "offsets": offsets[: num_videos + 1],
+            "video_ids": _read_strings(where, old["video_ids"], "video_ids")[:num_videos],
+            "labels": _read_ints(where, old["labels"], "labels")[:num_videos],
+            "splits": _read_strings(where, old["splits"], "splits")[:num_videos],
+        }
+        return num_videos, index
+
+    def _copy_committed(self, old: h5py.File, fresh: h5py.File, num_videos: int,
+                        index: dict) -> None:
+        rows = int(index["offsets"][-1])
+        features = fresh["features"]
+        features.resize(rows, axis=0)
+        block = max(1, _BLOCK_BYTES // (self.feature_dim * self.dtype.itemsize))
+        for start in tqdm(range(0, rows, block), desc=f"resuming {self.path.name}",
+                          disable=rows < 4 * block, unit="block"):
+            stop = min(rows, start + block)
+            features[start:stop] = old["features"][start:stop]
+        for name in ("video_ids", "labels", "splits"):
+            fresh[name].resize(num_videos, axis=0)
+            if num_videos:
+                fresh[name][:] = index[name]
+        fresh["offsets"].resize(num_videos + 1, axis=0)
+        fresh["offsets"][:] = index["offsets"]
+        fresh.flush()
 
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._ids
