@@ -209,7 +209,7 @@ def extract(
                     summary.videos_written += 1
                     summary.frames += len(frames)
                     if stop_after and summary.videos_written >= stop_after:
-                        os._exit(3)  # simulated crash (test hook): no cleanup at all
+                        _crash()
                 bar.update(1)
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(frames_per_s=f"{summary.frames / max(elapsed, 1e-9):.1f}",
@@ -217,6 +217,15 @@ def extract(
     summary.seconds = time.perf_counter() - start
     _write_failed(out, summary.failed)
     return summary
+
+
+def _crash() -> None:
+    """Test hook: die like a killed job (decode workers included), with no cleanup at all."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(3)
 
 
 def _flush(writer: FeatureWriter) -> None:
