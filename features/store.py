@@ -82,6 +82,36 @@ def check_fits_in_memory(path: str | os.PathLike, nbytes: int, what: str) -> Non
         )
 
 
+# Exponent bits of IEEE floats: all ones means Inf or NaN.
+_EXPONENT_MASKS = {np.dtype(np.float16): (np.uint16, 0x7C00),
+                   np.dtype(np.float32): (np.uint32, 0x7F800000),
+                   np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def has_non_finite(block: np.ndarray) -> bool:
+    """Whether a float array holds NaN/Inf: an integer test of the exponent bits, several times
+    faster than ``np.isfinite`` on float16 and without a float temporary."""
+    mask = _EXPONENT_MASKS.get(block.dtype)
+    if mask is None or not block.flags.c_contiguous:
+        return not np.isfinite(block).all()
+    uint, exponent = mask
+    bits = block.view(uint)
+    return bool(((bits & uint(exponent)) == uint(exponent)).any())
+
+
+def to_float32(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``rows`` as float32 (into ``out`` if given). torch converts float16 several times faster
+    than numpy; it is imported here only, so ``import features.store`` stays light."""
+    if out is None and rows.dtype == np.float32:
+        return rows
+    import torch
+
+    if out is None:
+        return torch.from_numpy(rows).float().numpy()
+    torch.from_numpy(out).copy_(torch.from_numpy(rows))
+    return out
+
+
 def _decode(value: Any) -> Any:
     return value.decode("utf-8") if isinstance(value, bytes | np.bytes_) else value
 
@@ -422,13 +452,9 @@ class FeatureStore:
             begin = self._flat_starts[i]
             return self._flat[begin : begin + stop - start]
         rows = self._index.features[start:stop]
-        if rows.dtype != np.float32:
-            rows = rows.astype(np.float32)
-        # Sum is one fast pass; NaN/Inf anywhere makes it non-finite.
-        if not np.isfinite(rows.sum()):
-            if not np.isfinite(rows).all():
-                self._raise_non_finite(rows, start)
-        return rows
+        if has_non_finite(rows):
+            self._raise_non_finite(rows, start)
+        return to_float32(rows)
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.video(i)
@@ -475,9 +501,9 @@ class FeatureStore:
         pos = 0
         for start, stop in self._blocks(f"reading {self.path.name}"):
             block = features[start:stop]
-            if not np.isfinite(block.sum(dtype=np.float32)) and not np.isfinite(block).all():
+            if has_non_finite(block):
                 self._raise_non_finite(block, start)
-            out[pos : pos + stop - start] = block
+            to_float32(block, out=out[pos : pos + stop - start])
             pos += stop - start
         return out
 
@@ -497,7 +523,7 @@ class FeatureStore:
         features = self._index.features
         for start, stop in self._blocks(f"validating {self.path.name}"):
             block = features[start:stop]
-            if not np.isfinite(block.sum(dtype=np.float32)) and not np.isfinite(block).all():
+            if has_non_finite(block):
                 self._raise_non_finite(block, start)
 
     # -- lifetime -----------------------------------------------------------------------------

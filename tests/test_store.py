@@ -487,3 +487,17 @@ def test_resume_after_sigkill_from_outside(tmp_path: Path) -> None:
     path = tmp_path / "k.h5"
     done = _run_killed(tmp_path, path, flush_every=1, kill_after=30)
     _finish_and_check(path, expected_done=len(done), exact=False)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_has_non_finite_bit_test(dtype: str) -> None:
+    info = np.finfo(dtype)
+    finite = np.array([[0.0, -0.0, info.max, -info.max], [info.tiny, info.smallest_subnormal,
+                                                          1.5, -2.0]], dtype=dtype)
+    assert not store_module.has_non_finite(finite)
+    assert not store_module.has_non_finite(finite[:, ::2])  # non-contiguous path
+    for bad in (np.nan, np.inf, -np.inf):
+        block = finite.copy()
+        block[1, 2] = bad
+        assert store_module.has_non_finite(block)
+        assert store_module.has_non_finite(block[:, ::2])
