@@ -502,8 +502,11 @@ def train_sac(
     resumed = bool(resume and checkpoint is not None and checkpoint.is_file())
     if resume and not resumed:
         raise FileNotFoundError(f"{checkpoint}: nothing to resume from")
+    start_env_step = start_gradient_step = 0
     if resumed:
-        load_checkpoint(algorithm, checkpoint)
+        extra = load_checkpoint(algorithm, checkpoint)
+        start_env_step = int(extra.get("env_step", 0))
+        start_gradient_step = int(extra.get("gradient_step", 0))
         if buffer_file is not None and buffer_file.is_file():
             collector.buffer = VectorReplayBuffer.load_hdf5(str(buffer_file))
     collector.reset(reset_buffer=not resumed)
@@ -539,12 +542,15 @@ def train_sac(
         show_progress=show_progress,
     )
     info = algorithm.run_training(params)
+    # train_step counts this run's collector only; update_step continues the logged counter
+    total_env_steps = start_env_step + int(info.train_step)
+    total_gradient_steps = max(int(info.update_step), start_gradient_step)
     if save_fn is not None:
-        save_fn(-1, int(info.train_step), int(info.update_step))
+        save_fn(-1, total_env_steps, total_gradient_steps)
     return TrainResult(
         algorithm=algorithm,
-        env_steps=int(info.train_step),
-        gradient_steps=int(info.update_step),
+        env_steps=total_env_steps,
+        gradient_steps=total_gradient_steps,
         checkpoint=checkpoint,
         info=info,
     )

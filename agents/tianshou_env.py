@@ -90,6 +90,8 @@ class TianshouVectorEnvAdapter:
         if self.idle_action not in self.single_action_space:
             raise ValueError(f"idle_action {self.idle_action} is not in {self.single_action_space}")
         self._next_seed = seed
+        if seed is not None:  # the Collector's random warm-up samples from this space
+            self.single_action_space.seed(seed)
         self._attached = np.zeros(self.env_num, dtype=bool)
         self._needs_reset = np.ones(self.env_num, dtype=bool)
         self._pending_obs: Any = None  # SAME_STEP: first observations of rows restarted in step
@@ -204,6 +206,7 @@ class TianshouVectorEnvAdapter:
     def seed(self, seed: int | None = None) -> list[int | None]:
         """Seed the next full reset (the batched env has one generator for all rows)."""
         self._next_seed = seed
+        self.single_action_space.seed(seed)
         return [seed] * self.env_num
 
     def render(self, **kwargs: Any) -> list[Any]:
