@@ -294,3 +294,13 @@ def test_sampler_seeded_and_sweep():
     assert sweep.draw(3).tolist() == [0, 1, 2] and sweep.draw(4).tolist() == [3, 4, 0, 1]
     with pytest.raises(ValueError, match="sampler"):
         VideoSampler(5, "shuffle")
+
+
+def test_eval_transformer_path_matches_torch_module():
+    rec = tiny_recognizer(transformer_layers=2)
+    emb = torch.randn(5, 3, 8).tanh()
+    with torch.no_grad():
+        fast = rec.eval().logits_from_embeddings(emb)
+        tokens = rec.to_model(emb) + rec.locator_embedding
+        reference = rec.classifier(rec.integrate(tokens).mean(dim=1))  # torch's own eval path
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)

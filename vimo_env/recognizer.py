@@ -79,6 +79,30 @@ class _StackedLinear(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight).transpose(0, 1)
 
 
+def _encoder_eval(encoder: nn.TransformerEncoder, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode ``encoder(x)`` for few tokens, same weights and result (no dropout).
+
+    With N = 3 tokens the attention itself is tiny; PyTorch's fused path spends much of its
+    time copying q/k/v into head-major layout. Here attention is two small einsums over the
+    token axes and every projection is one matmul over all ``B * N`` tokens.
+    """
+    B, L, d = x.shape
+    flat = x.reshape(B * L, d)
+    for layer in encoder.layers:
+        attn = layer.self_attn
+        heads = attn.num_heads
+        qkv = F.linear(flat, attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, heads, -1)
+        q, k, v = qkv.unbind(2)
+        scores = torch.einsum("bihe,bjhe->bhij", q, k) * (q.shape[-1] ** -0.5)
+        mixed = torch.einsum("bhij,bjhe->bihe", scores.softmax(-1), v).reshape(B * L, d)
+        flat = F.layer_norm(flat + F.linear(mixed, attn.out_proj.weight, attn.out_proj.bias),
+                            (d,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+        hidden = F.relu(F.linear(flat, layer.linear1.weight, layer.linear1.bias))
+        flat = F.layer_norm(flat + F.linear(hidden, layer.linear2.weight, layer.linear2.bias),
+                            (d,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    return flat.view(B, L, d)
+
+
 class Recognizer(nn.Module):
     """F_T (per locator) + F_M + linear classifier, with a batched, maskable step API."""
 
@@ -173,7 +197,10 @@ class Recognizer(nn.Module):
         c = self.config
         if c.integration == "transformer":
             tokens = self.to_model(emb) + self.locator_embedding
-            pooled = self.integrate(tokens).mean(dim=1)
+            if self.training:
+                pooled = self.integrate(tokens).mean(dim=1)
+            else:
+                pooled = _encoder_eval(self.integrate, tokens).mean(dim=1)
         elif c.integration == "forward":
             pooled = self.integrate(emb.flatten(1))
         elif c.integration == "meanpool":
