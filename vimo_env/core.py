@@ -158,7 +158,8 @@ class LocatorCore:
     Args:
         source: frame source of one split; video indices refer to it.
         recognizer: F_T / F_M / classifier; its ``num_locators`` must equal ``num_locators``.
-            It is moved to ``device`` and run in eval mode without gradients.
+            It is moved to ``device``; calls run it in eval mode without gradients and
+            restore its train/eval mode afterwards.
         num_locators: N.
         max_moves: m, moves per locator before it stops (>= 1).
         stride: delta, frames per unit of movement.
@@ -209,7 +210,7 @@ class LocatorCore:
             raise ValueError("frame source has a video with no frames (lengths must be >= 1)")
         self.source = source
         self.device = resolve_device(device)
-        self.recognizer = recognizer.to(self.device).eval()
+        self.recognizer = recognizer.to(self.device)  # run in eval mode per call, see step()
         self.num_locators = int(num_locators)
         self.max_moves = int(max_moves)
         self.stride = int(stride)
