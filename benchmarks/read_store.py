@@ -4,7 +4,9 @@ Prints and saves (JSON) the figures the feature store promises:
 
 * opening the file (validating its whole index) in < 1 s;
 * random access to single videos from a warm file at >= 5,000 videos/s;
-* resident memory below 1 GB while iterating every video.
+* resident memory below 1 GB while iterating every video;
+
+and, for reference, the validate() scan rate and FeatureWriter's write rate.
 
 The dataset is generated with ``features.synthetic`` (in a subprocess, so that its memory does
 not count here) when the file is missing, and cached under ``data/``.
@@ -22,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from features.store import FeatureStore  # noqa: E402
+from features.store import FeatureStore, FeatureWriter  # noqa: E402
 
 
 def proc_status_kib(field: str) -> int:
@@ -67,6 +70,8 @@ def main() -> None:
                         help="preset to generate when --file is missing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reads", type=int, default=20_000, help="random single-video reads")
+    parser.add_argument("--write-videos", type=int, default=5000,
+                        help="videos written to a temporary file to time FeatureWriter")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default: results/read_store.json)")
     args = parser.parse_args()
@@ -135,6 +140,23 @@ def main() -> None:
           f"RSS {rss_before / 1024:.0f} MiB before, peak {peak / 1024:.0f} MiB "
           f"({'VmHWM' if peak_reset else 'sampled VmRSS'})")
     store.close()
+
+    # Writing: FeatureWriter throughput with a commit after every video and every 32 videos.
+    rng = np.random.default_rng(args.seed)
+    sample = [rng.standard_normal((int(n), results["feature_dim"])).astype(np.float16)
+              for n in rng.integers(60, 181, size=args.write_videos)]
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        for flush_every in (1, 32):
+            start = time.perf_counter()
+            with FeatureWriter(Path(tmp) / f"w{flush_every}.h5",
+                               feature_dim=results["feature_dim"], class_names=["a", "b"],
+                               backbone="benchmark", flush_every=flush_every) as writer:
+                for v, rows in enumerate(sample):
+                    writer.add(f"v{v}", rows, v % 2, "train")
+            write_rate = len(sample) / (time.perf_counter() - start)
+            results[f"write_videos_per_s_flush_every_{flush_every}"] = write_rate
+            print(f"write {len(sample):,} videos (flush_every={flush_every}): "
+                  f"{write_rate:,.0f} videos/s")
 
     targets = {"open_below_1s": results["open_s_median"] < 1.0,
                "random_at_least_5000_per_s": rate >= 5000,

@@ -617,9 +617,9 @@ class FeatureWriter:
         self._video_ids, self._labels, self._splits = f["video_ids"], f["labels"], f["splits"]
         stored_ids = _read_strings(self.partial_path, self._video_ids, "video_ids")
         self._ids: set[str] = set(stored_ids.tolist())
-        self._num_written = len(self._ids)  # videos whose rows and index entries are written
         self._rows = int(self._offsets[-1])
-        self._pending_offsets: list[int] = []  # offsets of written but uncommitted videos
+        # (id, label, split, end offset) of videos whose rows are written but not committed
+        self._pending: list[tuple[str, int, str, int]] = []
 
     def _check_args(self, backbone: str, fps: float, gflops: float, flops_unit: str) -> None:
         where = self.partial_path
@@ -753,18 +753,13 @@ class FeatureWriter:
         if self._closed:
             raise RuntimeError(f"{self.partial_path}: writer is closed")
         rows = self._check_video(video_id, features, label, split)
-        n, end = self._num_written, self._rows
+        end = self._rows
         self._features.resize(end + len(rows), axis=0)
-        self._features[end:] = rows
-        for dataset, value in ((self._video_ids, video_id), (self._labels, int(label)),
-                               (self._splits, split)):
-            dataset.resize(n + 1, axis=0)
-            dataset[n] = value
+        self._features[end:] = rows  # rows stream to disk; the small index waits for commit()
         self._ids.add(video_id)
-        self._num_written = n + 1
         self._rows = end + len(rows)
-        self._pending_offsets.append(self._rows)
-        if len(self._pending_offsets) >= self.flush_every:
+        self._pending.append((video_id, int(label), split, self._rows))
+        if len(self._pending) >= self.flush_every:
             self.commit()
 
     def _check_video(self, video_id: str, features: Any, label: int, split: str) -> np.ndarray:
@@ -799,15 +794,21 @@ class FeatureWriter:
         return rows
 
     def commit(self) -> None:
-        """Make every added video durable: flush its rows, then write and flush its offsets."""
-        if not self._pending_offsets:
+        """Make every added video durable: write and flush its rows and index entries, then
+        its offset (a video counts once its offset is in)."""
+        if not self._pending:
             return
+        ids, labels, splits, offsets = zip(*self._pending, strict=True)
+        committed = len(self._offsets) - 1
+        for dataset, values in ((self._video_ids, ids), (self._labels, labels),
+                                (self._splits, splits)):
+            dataset.resize(committed + len(values), axis=0)
+            dataset[committed:] = values
         self._file.flush()  # rows and index entries reach the file before the offsets
-        committed = len(self._offsets)
-        self._offsets.resize(committed + len(self._pending_offsets), axis=0)
-        self._offsets[committed:] = self._pending_offsets
+        self._offsets.resize(committed + 1 + len(offsets), axis=0)
+        self._offsets[committed + 1 :] = offsets
         self._file.flush()
-        self._pending_offsets = []
+        self._pending = []
 
     def close(self) -> None:
         """Commit, finish the file and move it to its final name."""
