@@ -389,7 +389,7 @@ class FeatureStore:
 
     @property
     def class_names(self) -> list[str]:
-        return self._index.class_names
+        return list(self._index.class_names)
 
     @property
     def num_classes(self) -> int:

@@ -501,3 +501,33 @@ def test_has_non_finite_bit_test(dtype: str) -> None:
         block[1, 2] = bad
         assert store_module.has_non_finite(block)
         assert store_module.has_non_finite(block[:, ::2])
+
+
+def test_file_written_elsewhere_with_plain_h5py(tmp_path: Path) -> None:
+    """Drop-in files: contiguous (unchunked) float16 features, written without FeatureWriter."""
+    path = tmp_path / "external.h5"
+    rows = [video_rows(v).astype(np.float16) for v in range(4)]
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="vimo-features", version=1, backbone="resnet50", feature_dim=D,
+                       fps=0.5, gflops_per_frame=8.18, flops_unit="FLOPs")
+        f["features"] = np.concatenate(rows)
+        f["offsets"] = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        f["video_ids"] = _strings(["a", "b", "c", "d"])
+        f["labels"] = np.array([0, 2, -1, 1], dtype=np.int64)
+        f["splits"] = _strings(["train", "test", "test", "val"])
+        f["class_names"] = _strings(CLASSES)
+    with FeatureStore(path, split="test") as store:
+        assert store.video_ids == ["b", "c"] and store.flops_unit == "FLOPs" and store.fps == 0.5
+        np.testing.assert_array_equal(store.video(1), rows[2].astype(np.float32))
+        np.testing.assert_array_equal(store.read_all(), np.concatenate(rows[1:3]))
+
+
+def test_empty_file_and_empty_selection(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "empty.h5", num_videos=0)
+    with FeatureStore(path) as store:
+        assert len(store) == 0 and store.read_all().shape == (0, D)
+        store.validate()
+        assert store.split_counts() == {"train": 0, "val": 0, "test": 0}
+    with FeatureStore(write_file(tmp_path / "some.h5", num_videos=4), labels=[]) as store:
+        assert len(store) == 0 and store.read_all().shape == (0, D)
+        assert store.split_counts() == {"train": 2, "val": 1, "test": 1}
