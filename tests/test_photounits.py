@@ -1,0 +1,135 @@
+"""PhotoUnits: deterministic tiny builds, class/unit structure, bank-based features, MP4s whose
+decoded frames are the dataset's frames, dataset card with licenses, cached builds."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from features.photounits import (
+    CARD_FILE,
+    PHOTOS,
+    PRESETS,
+    PhotoUnitsConfig,
+    PhotoUnitsWorld,
+    build,
+    ensure_dataset,
+    load_photo,
+)
+from features.store import FeatureStore
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory):
+    return build(tmp_path_factory.mktemp("pu") / "a", "tiny", seed=0, device="cpu",
+                 progress=False)
+
+
+def _arrays(path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in ("features", "offsets", "labels", "splits", "video_ids",
+                                      "class_names")}
+
+
+def test_builds_deterministically(tiny_build, tmp_path) -> None:
+    again = build(tmp_path / "b", "tiny", seed=0, device="cpu", progress=False)
+    a, b = _arrays(tiny_build), _arrays(again)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # the MP4 manifests name the same videos; another seed gives another dataset
+    assert ((tiny_build.parent / "mp4/manifest.csv").read_text()
+            == (again.parent / "mp4/manifest.csv").read_text())
+    assert PRESETS["tiny"].key(0) != PRESETS["tiny"].key(1)
+
+
+def test_file_is_a_valid_feature_store(tiny_build) -> None:
+    store = FeatureStore(tiny_build, split=None)
+    assert store.feature_dim == 1280 and store.backbone == "efficientnet_lite0"
+    assert store.flops_unit == "MACs" and 0.3 < store.gflops_per_frame < 0.5
+    assert len(store.lengths) == TINY.num_videos
+    assert store.lengths.min() >= TINY.length[0] and store.lengths.max() <= TINY.length[1]
+    assert sorted(set(store.labels.tolist())) == list(range(TINY.num_classes))
+    assert set(store.split_counts()) <= {"train", "val", "test"}
+
+
+def test_class_structure_follows_the_synthetic_rules(tiny_build) -> None:
+    world = PhotoUnitsWorld(TINY, 0)
+    units = world.class_units
+    counts = np.bincount(units.ravel(), minlength=TINY.vocabulary)
+    assert counts.min() >= 2  # no unit identifies a class on its own
+    pairs = [tuple(p) for c in units for p in itertools.combinations(sorted(c), 2)]
+    assert len(pairs) == len(set(pairs))  # any two units of a class identify it
+    bank = np.load(tiny_build.parent / "bank.npz")["features"]
+    store = FeatureStore(tiny_build, split=None)
+    for v in range(6):
+        plan = world.plan(v)
+        assert plan.label == store.labels[v] and plan.split == store.splits[v]
+        on_unit = plan.unit >= 0
+        assert set(plan.unit[on_unit].tolist()) <= set(units[plan.label].tolist())
+        assert np.array_equal(plan.photo[on_unit], plan.unit[on_unit])  # units film unit photos
+        assert (plan.photo[~on_unit] >= TINY.vocabulary).all()  # background: textures/noise
+        np.testing.assert_array_equal(np.asarray(store.video(v), np.float16),
+                                      bank[plan.photo, plan.shot, plan.frame])
+
+
+def test_mp4_frames_are_the_dataset_frames(tiny_build) -> None:
+    from features.live import LiveFrameSource
+
+    manifest = tiny_build.parent / "mp4" / "manifest.csv"
+    live = LiveFrameSource(manifest, split="test", device="cpu")
+    store = FeatureStore(tiny_build, split=None)
+    index = {vid: i for i, vid in enumerate(store.video_ids)}
+    assert len(live.video_ids) == TINY.mp4_videos
+    for v, vid in enumerate(live.video_ids):
+        row = index[vid]
+        assert live.lengths[v] == store.lengths[row]
+        assert live.class_names[live.labels[v]] == store.class_names[store.labels[row]]
+    # a handful of frames: decoded MP4 features match the bank features of the same frames
+    frames = torch.tensor([0, 3, 7, 11])
+    got = torch.nn.functional.normalize(live.gather(torch.zeros(4, dtype=torch.long), frames))
+    ref = np.asarray(store.video(index[live.video_ids[0]]), np.float32)
+    ref = torch.nn.functional.normalize(torch.as_tensor(ref))
+    sim = got @ ref.T  # [4, T]
+    matched = sim[torch.arange(4), frames]
+    assert matched.min() > 0.9  # compression changes little
+    assert live.frames_extracted == 4
+
+
+def test_dataset_card_lists_every_photo_and_license(tiny_build) -> None:
+    card = (tiny_build.parent / CARD_FILE).read_text()
+    for name in (*TINY.units, *TINY.textures):
+        assert f"| {name} |" in card and PHOTOS[name].license in card
+    assert TINY.key(0) in card
+
+
+def test_all_photos_load_offline() -> None:
+    for name in PHOTOS:
+        image = load_photo(name)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert min(image.shape[:2]) >= 100, name
+
+
+def test_ensure_dataset_caches_by_config(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(PRESETS, "tiny_nomp4", replace(TINY, mp4_videos=0, num_videos=8))
+    first = ensure_dataset(tmp_path, "tiny_nomp4", progress=False)
+    assert first.name == "photounits.h5" and PRESETS["tiny_nomp4"].key(0) in first.parent.name
+    stamp = first.stat().st_mtime_ns
+    assert ensure_dataset(tmp_path, "tiny_nomp4", progress=False) == first
+    assert first.stat().st_mtime_ns == stamp  # cached: not rebuilt
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_bad_config_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"PhotoUnitsConfig.units: unknown photos \['nope'\]"):
+        PhotoUnitsConfig(units=("coffee", "nope"))
+    with pytest.raises(ValueError, match="PhotoUnitsConfig.textures: overlaps units"):
+        PhotoUnitsConfig(textures=("coffee",))
+    with pytest.raises(ValueError, match="unknown PhotoUnits preset"):
+        ensure_dataset("unused", "huge")
