@@ -1,0 +1,177 @@
+"""Plugging a policy into the evaluation harness: one protocol, adapters for common learners.
+
+The harness (:func:`agents.evaluate.evaluate_policy`) drives the batched locator core and asks a
+policy for the joint action of the rows whose episode is still running. Any of these works:
+
+* **a plain callable** ``fn(obs) -> actions``: ``obs`` is the ``VideoLocators-v0`` observation
+  batch ``{"observation": float32 [B, N, obs_dim], "alive": int8 [B, N]}`` (numpy) and
+  ``actions`` is an integer array ``[B, N]`` in ``{0, 1, 2, 3}`` (stop, move 1-3 strides);
+  actions of stopped locators are ignored. Each observation row of locator ``i`` is
+  ``[h_i, n_i / (m + 1), p_i / (T - 1), t / m]`` (see :mod:`vimo_env.core`);
+* **a Tianshou policy** (``tianshou.algorithm.algorithm_base.Policy``, e.g. the CTDE actor of
+  :mod:`agents.ctde_sac` or any policy trained on ``VideoLocators-v0``): its ``forward`` is
+  called on a ``Batch(obs=...)`` in eval mode and ``.act`` is used;
+* **a Stable-Baselines3 model** trained on ``VideoLocators-v0``: ``model.predict(obs,
+  deterministic=True)``;
+* **the CTDE SAC learner** (``CTDESAC``) or its ``CTDEPolicy``: argmax of each locator's actor,
+  run on torch tensors without a numpy round trip, with its inference cost counted;
+* an :class:`OpenLoopPolicy`-like object (``agents.baselines``) that uses only the step index.
+
+:func:`as_policy` turns any of these into a :class:`LocatorPolicy` (the harness does it for you).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+ObsBatch = dict[str, np.ndarray]
+
+
+class LocatorPolicy:
+    """What the harness calls. Subclass it, or pass any object :func:`as_policy` accepts.
+
+    ``begin(batch_size)`` is called when a batch of episodes starts; ``act(observation, alive,
+    step)`` gets torch tensors ``[K, N, obs_dim]`` / bool ``[K, N]`` of the K running rows at
+    step ``step`` (0 = right after reset) and returns actions ``[K, N]`` (tensor or array).
+    ``gflops_per_decision`` is the policy's own inference cost per locator decision, in the
+    same unit as the feature file (0 when unknown).
+    """
+
+    name: str = "policy"
+    gflops_per_decision: float = 0.0
+
+    def begin(self, batch_size: int) -> None:
+        """Episodes start (override to reset per-episode state)."""
+
+    def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> Any:
+        raise NotImplementedError
+
+
+def _numpy_obs(observation: torch.Tensor, alive: torch.Tensor) -> ObsBatch:
+    return {"observation": observation.detach().cpu().numpy().astype(np.float32, copy=False),
+            "alive": alive.detach().cpu().numpy().astype(np.int8)}
+
+
+class CallablePolicy(LocatorPolicy):
+    """A plain callable ``fn(obs: dict of numpy) -> actions [B, N]`` (see the module doc)."""
+
+    def __init__(self, fn: Callable[[ObsBatch], Any], name: str = "callable") -> None:
+        if not callable(fn):
+            raise TypeError(f"policy must be callable, got {type(fn).__name__}")
+        self.fn, self.name = fn, name
+
+    def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> Any:
+        return self.fn(_numpy_obs(observation, alive))
+
+
+class TianshouPolicy(LocatorPolicy):
+    """A Tianshou 2.x ``Policy`` over the ``VideoLocators-v0`` Dict observation (eval mode)."""
+
+    def __init__(self, policy: Any, name: str = "tianshou") -> None:
+        self.policy, self.name = policy, name
+
+    @torch.no_grad()
+    def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> Any:
+        from tianshou.data import Batch
+
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            obs = Batch(_numpy_obs(observation, alive))
+            out = self.policy(Batch(obs=obs, info=Batch()))
+        finally:
+            self.policy.train(was_training)
+        act = out.act
+        return act.cpu() if isinstance(act, torch.Tensor) else np.asarray(act)
+
+
+class SB3Policy(LocatorPolicy):
+    """A Stable-Baselines3 model trained on ``VideoLocators-v0`` (deterministic predictions)."""
+
+    def __init__(self, model: Any, name: str = "sb3", deterministic: bool = True) -> None:
+        self.model, self.name, self.deterministic = model, name, deterministic
+
+    def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> Any:
+        actions, _ = self.model.predict(_numpy_obs(observation, alive),
+                                        deterministic=self.deterministic)
+        return np.asarray(actions).reshape(observation.shape[0], observation.shape[1])
+
+
+class CTDEActorPolicy(LocatorPolicy):
+    """The CTDE SAC actors (``CTDESAC``, ``CTDEPolicy`` or ``LocatorActors``) on torch tensors.
+
+    ``deterministic=True`` takes each locator's argmax (evaluation); ``False`` samples (the
+    Stage III rollouts). ``generator`` seeds the sampling.
+    """
+
+    def __init__(self, learner: Any, name: str = "adaptive", deterministic: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        actor = learner
+        if hasattr(actor, "policy") and hasattr(actor.policy, "actor"):
+            actor = actor.policy  # CTDESAC -> CTDEPolicy
+        if hasattr(actor, "actor"):
+            actor = actor.actor  # CTDEPolicy -> LocatorActors
+        if not isinstance(actor, torch.nn.Module):
+            raise TypeError(f"expected a CTDESAC, CTDEPolicy or LocatorActors, got "
+                            f"{type(learner).__name__}")
+        self.actor, self.name = actor, name
+        self.deterministic, self.generator = deterministic, generator
+        self.gflops_per_decision = _actor_gflops(actor)
+
+    @torch.no_grad()
+    def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> torch.Tensor:
+        device = next(self.actor.parameters()).device
+        was_training = self.actor.training
+        self.actor.eval()
+        try:
+            logits = self.actor(observation.to(device, torch.float32))
+        finally:
+            self.actor.train(was_training)
+        if self.deterministic:
+            act = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits, -1).reshape(-1, logits.shape[-1])
+            act = torch.multinomial(probs.cpu(), 1, generator=self.generator).reshape(
+                logits.shape[:-1]).to(device)
+        return torch.where(alive.to(device), act, torch.zeros_like(act))
+
+
+def _actor_gflops(actor: torch.nn.Module) -> float:
+    """Actor inference cost per locator decision, in GMACs (FlopCounterMode counts 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = int(getattr(actor, "num_locators", 1))
+    dim = int(getattr(actor, "obs_dim", 0))
+    if dim <= 0:
+        return 0.0
+    device = next(actor.parameters()).device
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        actor(torch.zeros(1, n, dim, device=device))
+    return counter.get_total_flops() / 2.0 / n / 1e9
+
+
+def as_policy(obj: Any, name: str | None = None) -> LocatorPolicy:
+    """Wrap a plug-in policy (see the module doc) into a :class:`LocatorPolicy`."""
+    if isinstance(obj, LocatorPolicy):
+        if name is not None:
+            obj.name = name
+        return obj
+    kind = type(obj).__name__
+    if kind in ("CTDESAC", "CTDEPolicy", "LocatorActors"):
+        return CTDEActorPolicy(obj, name=name or "adaptive")
+    try:
+        from tianshou.algorithm.algorithm_base import Policy as TianshouBase
+    except ImportError:  # pragma: no cover - tianshou is a dependency
+        TianshouBase = ()  # noqa: N806
+    if TianshouBase and isinstance(obj, TianshouBase):
+        return TianshouPolicy(obj, name=name or "tianshou")
+    if hasattr(obj, "predict") and hasattr(obj, "policy") and hasattr(obj, "learn"):
+        return SB3Policy(obj, name=name or "sb3")
+    if callable(obj):
+        return CallablePolicy(obj, name=name or getattr(obj, "__name__", "callable"))
+    raise TypeError(f"cannot use a {kind} as a locator policy: pass a callable obs -> actions, "
+                    "a Tianshou policy, a Stable-Baselines3 model or a CTDE SAC learner")

@@ -1,0 +1,318 @@
+"""The three-stage ViMo trainer (SPEC sections 3-4; ViMo section 3.3, App. A).
+
+* **Stage I** - :func:`agents.stage1.train_stage1`: F_T, F_M and classifier with cross-entropy
+  on random 25% per-segment samples.
+* **Stage II** - recognizer frozen; the locators learn with CTDE discrete SAC
+  (:func:`agents.ctde_sac.train_sac`) in the batched env (``VideoLocatorsVectorEnv``).
+* **Stage III** - ``rounds`` alternations of (a) fine-tuning the recognizer for ``K`` epochs on
+  the frames the current policy visits (the sampling policy rolled out over the training
+  videos in the batched core; each locator's visited positions, in order, fed to
+  ``Recognizer.forward``; cross-entropy), then (b) SAC on the frozen updated recognizer with
+  fresh replay data (the observations ``h_i`` shifted with the recognizer).
+
+Checkpoints: Stage I writes ``stage1/stage1_last.pt`` every epoch; SAC writes
+``<stage>/checkpoint.pt`` and ``buffer.h5`` every epoch; fine-tuning writes
+``stage3/round<r>/finetune_last.pt`` every epoch; each finished part leaves a ``done.json``.
+``resume=True`` skips finished parts and continues the unfinished one from its checkpoint.
+TensorBoard: Tianshou's ``TensorboardLogger`` under ``<part>/tb`` (SAC) and ``tb/`` (recognizer
+losses); tqdm progress bars throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from agents.ctde_sac import CTDESAC, SACConfig, build_ctde_sac, load_checkpoint, train_sac
+from agents.evaluate import evaluate_policy
+from agents.policies import CTDEActorPolicy
+from agents.selection import gather_padded
+from agents.stage1 import BEST as STAGE1_BEST
+from agents.stage1 import Stage1Config, train_stage1
+from features.source import CachedFrameSource, FrameSource
+from vimo_env.gym_env import VideoLocatorsVectorEnv
+from vimo_env.recognizer import Recognizer
+
+
+@dataclass
+class TrainerConfig:
+    """Everything the three stages need (defaults: tuned on the synthetic ``default`` preset).
+
+    ``recognizer``: RecognizerConfig options (``temporal``, ``integration``, ...). ``sac``:
+    SACConfig overrides. ``frame_cost`` is lambda of Eq. 6.
+    """
+
+    num_locators: int = 3
+    max_moves: int = 4
+    stride: int = 3
+    frame_cost: float = 0.02
+    seed: int = 0
+    device: str = "cpu"
+    recognizer: dict = field(default_factory=dict)
+    # Stage I
+    stage1_epochs: int = 6
+    stage1_lr: float = 1e-3
+    stage1_batch_size: int = 32
+    # Stage II
+    stage2_env_steps: int = 16_000
+    sac: dict = field(default_factory=dict)
+    # Stage III
+    stage3_rounds: int = 2
+    finetune_epochs: int = 2  # K: recognizer epochs before switching back to SAC
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 64
+    stage3_env_steps: int = 6_000  # SAC env steps per round
+    rollout_batch_size: int = 1024
+
+    def sac_config(self, seed_offset: int = 0) -> SACConfig:
+        values: dict[str, Any] = dict(
+            actor_hidden=(256, 256), critic_hidden=(256, 256), actor_lr=3e-4, critic_lr=1e-3,
+            alpha_lr=1e-3, batch_size=128, tau=0.02, gamma=0.99, n_step=1,
+            target_entropy_ratio=0.3, init_alpha=0.02, num_envs=128, collect_env_steps=256,
+            updates_per_env_step=0.05, epoch_env_steps=4096, warmup_env_steps=1024,
+            buffer_size=50_000,
+        )
+        values.update(self.sac)
+        values["seed"] = self.seed + seed_offset
+        values["device"] = self.device
+        return SACConfig(**values)
+
+
+class _RowResetVectorEnv(VideoLocatorsVectorEnv):
+    """``VideoLocatorsVectorEnv`` that honours ``options={"reset_mask": mask}`` (partial reset).
+
+    Tianshou's collector (through ``agents.tianshou_env``) resets only the rows it names.
+    """
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        mask = None if not options else options.get("reset_mask")
+        if mask is None or bool(np.all(mask)) or self.core.batch_size is None or \
+                not bool(self.core.active.all()):
+            return super().reset(seed=seed, options=options)
+        if seed is not None:
+            self.sampler.seed(seed)
+        rows = torch.as_tensor(np.flatnonzero(np.asarray(mask)), device=self.core.device)
+        if len(rows):
+            self.core.reset(self._draw(len(rows)), rows=rows)
+            self._needs_reset[rows] = False
+            self._returns[rows.cpu().numpy()] = 0.0
+        return self._obs(), self._info()
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageArtifacts:
+    """Where the result of one stage lives: its recognizer and (II, III) its SAC checkpoint."""
+
+    stage: str
+    recognizer: Path
+    sac: Path | None
+    history: dict = field(default_factory=dict)
+
+
+class ThreeStageTrainer:
+    """Runs Stage I, II and III on a ``vimo-features`` file, writing under ``out_dir``."""
+
+    def __init__(self, features_path: str | os.PathLike, config: TrainerConfig,
+                 out_dir: str | os.PathLike, progress: bool = True) -> None:
+        self.path = Path(features_path)
+        self.config = config
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.train_source = CachedFrameSource(self.path, split="train", device=config.device)
+        self._logger = None
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def logger(self) -> Any:
+        if self._logger is None:
+            from tianshou.utils import TensorboardLogger
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._logger = TensorboardLogger(SummaryWriter(str(self.out / "tb")))
+        return self._logger
+
+    def _env_factory(self, recognizer: Recognizer):
+        c = self.config
+        source = self.train_source
+
+        def factory(num_envs: int, seed: int) -> VideoLocatorsVectorEnv:
+            return _RowResetVectorEnv(
+                num_envs, features=source, recognizer=recognizer, split="train",
+                num_locators=c.num_locators, max_moves=c.max_moves, stride=c.stride,
+                frame_cost=c.frame_cost, device=c.device, seed=seed)
+
+        return factory
+
+    def build_algorithm(self, recognizer: Recognizer, seed_offset: int = 0) -> CTDESAC:
+        """A fresh CTDE SAC learner with this config's shapes."""
+        obs_dim = recognizer.embedding_dim + 3
+        return build_ctde_sac(obs_dim, self.config.num_locators, self.config.sac_config(seed_offset))
+
+    def load_algorithm(self, recognizer: Recognizer, checkpoint: Path) -> CTDESAC:
+        algorithm = self.build_algorithm(recognizer)
+        load_checkpoint(algorithm, checkpoint)
+        return algorithm
+
+    def _sac(self, part: Path, recognizer: Recognizer, env_steps: int, resume: bool,
+             algorithm: CTDESAC | None, seed_offset: int) -> Path:
+        done = part / "done.json"
+        if resume and done.is_file():
+            return part / "checkpoint.pt"
+        result = train_sac(self._env_factory(recognizer), self.config.sac_config(seed_offset),
+                           env_steps=env_steps, out_dir=part,
+                           resume=resume and (part / "checkpoint.pt").is_file(),
+                           algorithm=algorithm, show_progress=self.progress)
+        _write_json_atomic({"env_steps": result.env_steps,
+                            "gradient_steps": result.gradient_steps}, done)
+        return part / "checkpoint.pt"
+
+    # ------------------------------------------------------------ stages
+    def stage1(self, resume: bool) -> StageArtifacts:
+        c = self.config
+        part = self.out / "stage1"
+        done = part / "done.json"
+        if not (resume and done.is_file()):
+            cfg = Stage1Config(epochs=c.stage1_epochs, batch_size=c.stage1_batch_size,
+                               lr=c.stage1_lr, seed=c.seed, num_locators=c.num_locators,
+                               recognizer=dict(c.recognizer), device=c.device,
+                               out_dir=str(part), final_split="val")
+            _, history = train_stage1(self.path, cfg, resume=resume, progress=self.progress)
+            for record in history["epochs"]:
+                self.logger.write("stage1/epoch", int(record["epoch"]),
+                                  {"loss": record["loss"], "val_mAP": record["val_mAP"]})
+            _write_json_atomic({k: v for k, v in history.items() if k != "final"}, done)
+        return StageArtifacts("I", part / STAGE1_BEST, None,
+                              json.loads(done.read_text()))
+
+    def stage2(self, stage1: StageArtifacts, resume: bool) -> StageArtifacts:
+        recognizer = Recognizer.load(stage1.recognizer, map_location=self.config.device)
+        part = self.out / "stage2"
+        ckpt = self._sac(part, recognizer, self.config.stage2_env_steps, resume, None, 0)
+        return StageArtifacts("II", stage1.recognizer, ckpt)
+
+    def rollout_selection(self, recognizer: Recognizer, algorithm: CTDESAC, seed: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Frames the sampling policy visits on every training video: ``[V, N, m+1]`` + mask."""
+        c = self.config
+        gen = torch.Generator().manual_seed(seed)
+        policy = CTDEActorPolicy(algorithm, deterministic=False, generator=gen)
+        result = evaluate_policy(policy, self.train_source, recognizer, max_moves=c.max_moves,
+                                 stride=c.stride, batch_size=c.rollout_batch_size,
+                                 device=c.device)
+        V, N, L = self.train_source.num_videos, c.num_locators, c.max_moves + 1
+        frame_index = np.zeros((V, N, L), dtype=np.int64)
+        mask = np.zeros((V, N, L), dtype=bool)
+        for v, traj in enumerate(result.trajectories):
+            for i, frames in enumerate(traj):
+                frame_index[v, i, : len(frames)] = frames
+                frame_index[v, i, len(frames):] = frames[0]
+                mask[v, i, : len(frames)] = True
+        return frame_index, mask
+
+    def finetune(self, recognizer: Recognizer, algorithm: CTDESAC, part: Path, round_: int,
+                 resume: bool) -> Recognizer:
+        """K epochs of cross-entropy on the current policy's sampled frames (fresh rollouts
+        every epoch); checkpoint every epoch."""
+        c = self.config
+        part.mkdir(parents=True, exist_ok=True)
+        last = part / "finetune_last.pt"
+        device = torch.device(c.device)
+        recognizer = recognizer.to(device)
+        optimizer = torch.optim.Adam(recognizer.parameters(), lr=c.finetune_lr)
+        rng = np.random.default_rng(c.seed + 7919 * (round_ + 1))
+        start = 0
+        if resume and last.is_file():
+            ckpt = torch.load(last, map_location=device, weights_only=False)
+            recognizer.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            rng.bit_generator.state = ckpt["numpy_rng"]
+            start = int(ckpt["epoch"]) + 1
+        labels = torch.as_tensor(self.train_source.labels, device=device)
+        V = self.train_source.num_videos
+        for epoch in tqdm(range(start, c.finetune_epochs), desc=f"stage III round {round_} "
+                          "fine-tune", unit="epoch", disable=not self.progress,
+                          initial=start, total=c.finetune_epochs):
+            frame_index, mask = self.rollout_selection(
+                recognizer, algorithm, seed=c.seed + 1000 * round_ + epoch)
+            recognizer.train()
+            order = rng.permutation(V)
+            total = 0.0
+            for lo in range(0, V, c.finetune_batch_size):
+                batch = order[lo: lo + c.finetune_batch_size]
+                frames = gather_padded(self.train_source, batch, frame_index[batch])
+                logits = recognizer(frames.to(device), torch.as_tensor(mask[batch], device=device))
+                loss = F.cross_entropy(logits, labels[torch.as_tensor(batch, device=device)])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(recognizer.parameters(), 1.0)
+                optimizer.step()
+                total += loss.item() * len(batch)
+            recognizer.eval()
+            self.logger.write("stage3/finetune_epoch", round_ * c.finetune_epochs + epoch,
+                              {"finetune_loss": total / V})
+            _save_atomic({"epoch": epoch, "model": recognizer.state_dict(),
+                          "optimizer": optimizer.state_dict(),
+                          "numpy_rng": rng.bit_generator.state}, last)
+        return recognizer.eval()
+
+    def stage3(self, stage2: StageArtifacts, resume: bool) -> StageArtifacts:
+        c = self.config
+        recognizer = Recognizer.load(stage2.recognizer, map_location=c.device)
+        algorithm = self.load_algorithm(recognizer, stage2.sac)
+        rec_path, sac_path = stage2.recognizer, stage2.sac
+        for r in range(c.stage3_rounds):
+            part = self.out / "stage3" / f"round{r}"
+            rec_path = part / "recognizer.pt"
+            if resume and rec_path.is_file():
+                recognizer = Recognizer.load(rec_path, map_location=c.device)
+            else:
+                recognizer = self.finetune(recognizer, algorithm, part, r, resume)
+                tmp = part / "recognizer.partial.pt"
+                recognizer.save(tmp)
+                os.replace(tmp, rec_path)
+            sac_path = self._sac(part / "sac", recognizer, c.stage3_env_steps, resume,
+                                 algorithm, seed_offset=1000 * (r + 1))
+            algorithm = self.load_algorithm(recognizer, sac_path)
+        return StageArtifacts("III", rec_path, sac_path)
+
+    def run(self, resume: bool = False, stop_after: str | None = None) -> list[StageArtifacts]:
+        """All stages (or up to ``stop_after`` in {"I", "II"}); returns each stage's artifacts."""
+        if stop_after not in (None, "I", "II", "III"):
+            raise ValueError(f"stop_after must be 'I', 'II' or 'III', got {stop_after!r}")
+        _write_json_atomic({"features": str(self.path), "config": asdict(self.config)},
+                           self.out / "trainer_config.json")
+        stages = [self.stage1(resume)]
+        if stop_after == "I":
+            return stages
+        stages.append(self.stage2(stages[0], resume))
+        if stop_after == "II":
+            return stages
+        stages.append(self.stage3(stages[1], resume))
+        return stages
+
+
+def source_for(path: str | os.PathLike, split: str, device: str = "cpu") -> FrameSource:
+    """The frame source of one split of a feature file."""
+    return CachedFrameSource(path, split=split, device=device)

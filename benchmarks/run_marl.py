@@ -1,0 +1,307 @@
+"""The main job: train ViMo's three stages, evaluate every policy, print and save the tables.
+
+    python benchmarks/run_marl.py [--dataset FILE.h5 | --preset {tiny,default,large}]
+                                  [--out DIR] [--seed S] [--num-locators N] [--max-moves m]
+                                  [--stride delta] [--lambda L] [--temporal lstm|meanpool|...]
+                                  [--integration transformer|meanpool|maxpool|forward]
+                                  [--resume] [--sweep lambda|locators --sweep-values a,b,c]
+
+Without ``--dataset`` the synthetic preset is generated on first use (``data/`` by default,
+``--data-dir``). ``--dataset`` takes any ``vimo-features`` file (your own features: lengths,
+class counts and feature dimensions are read from the file; it needs train/val/test splits).
+
+Prints ViMo Table 2 (strategy: frame rate, mAP, GFLOPs; test split, final recognizer) and
+Table 5 (mAP and GFLOPs after each stage), with the command line that produced them, and writes
+``DIR/results.json`` (SPEC section 7), ``DIR/results.csv`` and ``DIR/map_vs_gflops.png``.
+Checkpoints and TensorBoard logs go to ``DIR/train`` (``--resume`` continues them).
+``--sweep lambda`` (ViMo Table 3) / ``--sweep locators`` (Table 1a) run the whole pipeline per
+value under ``DIR/sweep-<name>-<value>`` and add a sweep table (``sweep`` in results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents.baselines import InitialPolicy, search_open_loop  # noqa: E402
+from agents.evaluate import (  # noqa: E402
+    SELECTION_BASELINES,
+    EvalResult,
+    evaluate_policy,
+    evaluate_selection_baseline,
+)
+from agents.policies import CTDEActorPolicy  # noqa: E402
+from agents.trainer import ThreeStageTrainer, TrainerConfig, source_for  # noqa: E402
+from features.synthetic import PRESETS, generate  # noqa: E402
+from vimo_env.recognizer import INTEGRATION_VARIANTS, TEMPORAL_VARIANTS, Recognizer  # noqa: E402
+
+# Training budgets per preset (the dataset preset also picks them when --dataset is given).
+BUDGETS: dict[str, dict] = {
+    "tiny": dict(
+        stage1_epochs=2, stage2_env_steps=1024, stage3_rounds=1, finetune_epochs=1,
+        stage3_env_steps=512, rollout_batch_size=256,
+        recognizer=dict(hidden_dim=32, transformer_layers=1, transformer_dim=32,
+                        transformer_ff_dim=64, forward_dim=64),
+        sac=dict(actor_hidden=(64, 64), critic_hidden=(64, 64), num_envs=32,
+                 collect_env_steps=128, epoch_env_steps=512, warmup_env_steps=128,
+                 batch_size=64, updates_per_env_step=0.05),
+    ),
+    "default": {},
+    "large": dict(stage1_epochs=4, stage2_env_steps=32_000),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--dataset", default=None, help="a vimo-features HDF5 file")
+    data.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                      help="synthetic dataset generated on first use (default: default)")
+    p.add_argument("--budget", default=None, choices=sorted(BUDGETS),
+                   help="training budget (default: the preset's; 'default' with --dataset)")
+    p.add_argument("--data-dir", default="data", help="where generated presets are cached")
+    p.add_argument("--out", default="results/marl")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-locators", "-N", type=int, default=3)
+    p.add_argument("--max-moves", "-m", type=int, default=4)
+    p.add_argument("--stride", "--delta", type=int, default=3)
+    p.add_argument("--lambda", dest="frame_cost", type=float, default=None,
+                   help=f"reward cost per frame (default {TrainerConfig.frame_cost})")
+    p.add_argument("--temporal", choices=TEMPORAL_VARIANTS, default=None, help="F_T variant")
+    p.add_argument("--integration", choices=INTEGRATION_VARIANTS, default=None, help="F_M variant")
+    p.add_argument("--stage1-epochs", type=int, default=None)
+    p.add_argument("--stage2-steps", type=int, default=None, help="SAC env steps in Stage II")
+    p.add_argument("--stage3-rounds", type=int, default=None)
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="K: recognizer epochs per Stage III round before switching to SAC")
+    p.add_argument("--stage3-steps", type=int, default=None, help="SAC env steps per round")
+    p.add_argument("--sweep", choices=["lambda", "locators"], default=None)
+    p.add_argument("--sweep-values", default=None,
+                   help="comma-separated values (default lambda 0.005,0.02,0.05,0.1; N 1,2,3,4)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--stop-after", choices=["I", "II"], default=None,
+                   help="stop training after this stage (then --resume continues)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--eval-batch-size", type=int, default=1024)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def trainer_config(args: argparse.Namespace, budget: str) -> TrainerConfig:
+    values = dict(BUDGETS[budget])
+    recognizer = dict(values.pop("recognizer", {}))
+    if args.temporal:
+        recognizer["temporal"] = args.temporal
+    if args.integration:
+        recognizer["integration"] = args.integration
+    overrides = {"stage1_epochs": args.stage1_epochs, "stage2_env_steps": args.stage2_steps,
+                 "stage3_rounds": args.stage3_rounds, "finetune_epochs": args.finetune_epochs,
+                 "stage3_env_steps": args.stage3_steps, "frame_cost": args.frame_cost}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainerConfig(num_locators=args.num_locators, max_moves=args.max_moves,
+                         stride=args.stride, seed=args.seed, device=args.device,
+                         recognizer=recognizer, **values)
+
+
+def evaluate_run(path: Path, trainer: ThreeStageTrainer, stages: list, config: TrainerConfig,
+                 batch: int, progress: bool) -> tuple[list[EvalResult], list[dict], dict]:
+    """Table 2 rows (final recognizer) and Table 5 rows (each stage), on the test split."""
+    dev = config.device
+    test, val = source_for(path, "test", dev), source_for(path, "val", dev)
+    kw = dict(max_moves=config.max_moves, stride=config.stride, batch_size=batch, device=dev)
+    rec1 = Recognizer.load(stages[0].recognizer, map_location=dev).eval()
+    stage_rows = [{"stage": "I", **_stage(evaluate_selection_baseline(rec1, test, "random-25",
+                                                                     seed=config.seed))}]
+    final_rec, final_actor = rec1, None
+    if len(stages) > 1:
+        actor2 = trainer.load_algorithm(rec1, stages[1].sac)
+        res2 = evaluate_policy(CTDEActorPolicy(actor2), test, rec1, **kw)
+        stage_rows.append({"stage": "II", **_stage(res2)})
+        final_actor = actor2
+    if len(stages) > 2:
+        final_rec = Recognizer.load(stages[2].recognizer, map_location=dev).eval()
+        final_actor = trainer.load_algorithm(final_rec, stages[2].sac)
+    rows: list[EvalResult] = []
+    if final_actor is not None:
+        rows.append(evaluate_policy(CTDEActorPolicy(final_actor, name="adaptive"), test,
+                                    final_rec, **kw))
+    for name in SELECTION_BASELINES:
+        if name == "initial":
+            continue
+        rows.append(evaluate_selection_baseline(final_rec, test, name, seed=config.seed))
+    rows.append(evaluate_policy(InitialPolicy(), test, final_rec, **kw))
+    open_loop, table = search_open_loop(final_rec, val, max_moves=config.max_moves,
+                                        stride=config.stride, progress=progress)
+    res = evaluate_policy(open_loop, test, final_rec, **kw)
+    res.extra["schedule"] = open_loop.schedule
+    rows.append(res)
+    if len(stages) > 2:
+        stage_rows.append({"stage": "III", **_stage(rows[0])})
+    return rows, stage_rows, {"open_loop_schedule": open_loop.schedule,
+                              "open_loop_val": sorted(table, key=lambda r: -r["mAP"])[:5]}
+
+
+def _stage(res: EvalResult) -> dict:
+    return {"mAP": res.mAP, "gflops_per_video": res.gflops_per_video,
+            "frame_rate": res.frame_rate, "policy": res.name}
+
+
+def dataset_path(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.dataset:
+        path = Path(args.dataset)
+        if not path.is_file():
+            raise SystemExit(f"--dataset {path}: file not found")
+        return path, args.budget or "default"
+    path = Path(args.data_dir) / f"synthetic-{args.preset}-{args.seed}.h5"
+    if not path.is_file():
+        partial = path.with_name(path.name + ".partial")
+        generate(args.preset, path, seed=args.seed, progress=not args.no_progress,
+                 resume=partial.is_file())
+    return path, args.budget or args.preset
+
+
+def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> dict:
+    config = trainer_config(args, budget)
+    trainer = ThreeStageTrainer(path, config, out / "train", progress=not args.no_progress)
+    stages = trainer.run(resume=args.resume, stop_after=args.stop_after)
+    rows, stage_rows, extra = evaluate_run(path, trainer, stages, config, args.eval_batch_size,
+                                           not args.no_progress)
+    return {"config": asdict(config), "rows": rows, "stages": stage_rows, "extra": extra}
+
+
+def print_tables(command: str, result: dict, dataset: str, unit: str, wall: float) -> str:
+    lines = [f"$ {command}", f"dataset: {dataset}   GFLOPs counted as {unit} "
+             f"(1 MAC = 2 FLOPs)   wall time {wall:.0f} s", "",
+             "Table 2 - localizing strategy (test split, final recognizer)",
+             f"{'strategy':<12} {'frame rate %':>12} {'frames/video':>12} {'mAP %':>8} "
+             f"{'top1 %':>8} {'GFLOPs':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r.name:<12} {r.frame_rate:>12.1f} {r.frames_per_video:>12.1f} "
+                     f"{r.mAP:>8.1f} {r.top1:>8.1f} {r.gflops_per_video:>9.1f}")
+    lines += ["", f"open-loop schedule (best on val): {result['extra']['open_loop_schedule']}",
+              "", "Table 5 - after each training stage (test split)",
+              f"{'stage':<6} {'policy':<10} {'frame rate %':>12} {'mAP %':>8} {'GFLOPs':>9}"]
+    for s in result["stages"]:
+        lines.append(f"{s['stage']:<6} {s['policy']:<10} {s['frame_rate']:>12.1f} "
+                     f"{s['mAP']:>8.1f} {s['gflops_per_video']:>9.1f}")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def write_outputs(out: Path, payload: dict, rows: list[EvalResult], stages: list[dict],
+                  sweep: list[dict] | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.partial"
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, out / "results.json")
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["kind", "name", "mAP", "top1", "frame_rate", "frames_per_video",
+                    "gflops_per_video"])
+        for r in rows:
+            w.writerow(["policy", r.name, f"{r.mAP:.4f}", f"{r.top1:.4f}", f"{r.frame_rate:.4f}",
+                        f"{r.frames_per_video:.4f}", f"{r.gflops_per_video:.4f}"])
+        for s in stages:
+            w.writerow([f"stage-{s['stage']}", s["policy"], f"{s['mAP']:.4f}", "",
+                        f"{s['frame_rate']:.4f}", "", f"{s['gflops_per_video']:.4f}"])
+        for s in sweep or []:
+            w.writerow([f"sweep-{s['sweep']}={s['value']}", "adaptive", f"{s['mAP']:.4f}",
+                        f"{s['top1']:.4f}", f"{s['frame_rate']:.4f}",
+                        f"{s['frames_per_video']:.4f}", f"{s['gflops_per_video']:.4f}"])
+    plot(out / "map_vs_gflops.png", rows, stages, payload["flops_unit"])
+
+
+def plot(path: Path, rows: list[EvalResult], stages: list[dict], unit: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        marker = "*" if r.name == "adaptive" else "o"
+        ax.scatter(r.gflops_per_video, r.mAP, marker=marker, s=140 if marker == "*" else 40,
+                   zorder=3)
+        ax.annotate(r.name, (r.gflops_per_video, r.mAP), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    if stages:
+        xs = [s["gflops_per_video"] for s in stages]
+        ys = [s["mAP"] for s in stages]
+        ax.plot(xs, ys, "--", color="gray", zorder=2, label="stages I-II-III")
+        for s in stages:
+            ax.annotate(f"stage {s['stage']}", (s["gflops_per_video"], s["mAP"]),
+                        textcoords="offset points", xytext=(5, -10), fontsize=7, color="gray")
+        ax.legend(loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"G{unit} per video (log)")
+    ax.set_ylabel("mAP (%)")
+    ax.set_title("mAP vs cost, test split")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/run_marl.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    path, budget = dataset_path(args)
+    result = run_once(args, path, budget, out)
+    unit = result["rows"][0].flops_unit
+    sweep: list[dict] | None = None
+    if args.sweep:
+        default = "0.005,0.02,0.05,0.1" if args.sweep == "lambda" else "1,2,3,4"
+        values = [float(v) if args.sweep == "lambda" else int(v)
+                  for v in (args.sweep_values or default).split(",")]
+        sweep = []
+        for value in values:
+            sub = replace(args, **({"frame_cost": value} if args.sweep == "lambda"
+                                   else {"num_locators": value}))
+            res = run_once(sub, path, budget, out / f"sweep-{args.sweep}-{value}")
+            adaptive = res["rows"][0]
+            sweep.append({"sweep": args.sweep, "value": value, **adaptive.row()})
+    wall = time.perf_counter() - t0
+    payload = {
+        "dataset": str(path), "seed": args.seed, "config": result["config"],
+        "policies": [r.row() for r in result["rows"]],
+        "stages": [{"stage": s["stage"], "mAP": s["mAP"],
+                    "gflops_per_video": s["gflops_per_video"]} for s in result["stages"]],
+        "flops_unit": unit, "wall_time_s": wall,
+        "command": command, "open_loop": result["extra"],
+    }
+    if sweep is not None:
+        payload["sweep"] = sweep
+    write_outputs(out, payload, result["rows"], result["stages"], sweep)
+    print_tables(command, result, str(path), unit, wall)
+    if sweep:
+        name = "lambda" if args.sweep == "lambda" else "N"
+        print(f"\nSweep over {name} (adaptive policy, test split)")
+        print(f"{name:<8} {'frame rate %':>12} {'mAP %':>8} {'GFLOPs':>9}")
+        for s in sweep:
+            print(f"{s['value']!s:<8} {s['frame_rate']:>12.1f} {s['mAP']:>8.1f} "
+                  f"{s['gflops_per_video']:>9.1f}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
