@@ -139,6 +139,18 @@ def main() -> None:
     print(f"iterate all videos: {iterate_s:.1f} s ({len(store) / iterate_s:,.0f} videos/s); "
           f"RSS {rss_before / 1024:.0f} MiB before, peak {peak / 1024:.0f} MiB "
           f"({'VmHWM' if peak_reset else 'sampled VmRSS'})")
+    # One split (interleaved with the others in the file) read as one float32 array, as
+    # CachedFrameSource does; measured after the memory figure, which it would dominate.
+    val = store.select(split="val")
+    start = time.perf_counter()
+    flat = val.read_all()
+    read_all_s = time.perf_counter() - start
+    results |= {"read_all_val_videos": len(val), "read_all_val_rows": len(flat),
+                "read_all_val_s": read_all_s, "read_all_val_rows_per_s": len(flat) / read_all_s}
+    print(f"read_all() of split 'val' ({len(val):,} videos, {len(flat):,} rows, "
+          f"{flat.nbytes / 2**20:.0f} MiB float32): {read_all_s:.1f} s "
+          f"({len(flat) / read_all_s / 1e6:.1f} M rows/s)")
+    del flat
     store.close()
 
     # Writing: FeatureWriter throughput with a commit after every video and every 32 videos.

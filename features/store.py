@@ -38,6 +38,8 @@ _STR = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 64 * 1024
 # Size of the blocks read_all()/validate() read at once.
 _BLOCK_BYTES = 32 * 1024 * 1024
+# A read call costs about as much as reading this many more bytes (h5py call overhead).
+_READ_CALL_BYTES = 256 * 1024
 # Fraction of MemAvailable a preload may take.
 _MEMORY_FRACTION = 0.8
 
@@ -432,8 +434,11 @@ class FeatureStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _raise_non_finite(self, block: np.ndarray, first_row: int) -> None:
-        bad_row = first_row + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+    def _raise_non_finite(self, block: np.ndarray, rows: int | np.ndarray) -> None:
+        """Raise naming the first non-finite row of ``block``, whose file rows are ``rows``
+        (the first row number of a contiguous block, or one number per row)."""
+        first_bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+        bad_row = rows + first_bad if isinstance(rows, int) else int(rows[first_bad])
         offsets = self._index.offsets
         video = int(np.searchsorted(offsets, bad_row, side="right")) - 1
         raise FeatureStoreError(
@@ -473,18 +478,46 @@ class FeatureStore:
         run_stops = stops[np.concatenate([breaks - 1, [len(self) - 1]])]
         return [(int(a), int(b)) for a, b in zip(run_starts, run_stops, strict=True)]
 
-    def _blocks(self, desc: str) -> Iterator[tuple[int, int]]:
-        """Row blocks ``[start, stop)`` of at most ~32 MiB covering the selection, with progress."""
+    def _selected_blocks(self, desc: str) -> Iterator[tuple[np.ndarray, int | np.ndarray]]:
+        """The selected rows in file order, in blocks of at most ~32 MiB of the file.
+
+        Yields ``(rows, where)``: rows in the stored dtype and their file row numbers (the first
+        one for a contiguous block, else one per row). Within a block, runs of selected videos
+        are read with one slice over the block when the unselected rows in between cost less
+        to read than separate reads would (e.g. one split of an interleaved file), else one read
+        per run (a sparse selection).
+        """
+        runs = self._runs()
+        if not runs:
+            return
+        run_starts = np.array([a for a, _ in runs])
+        run_stops = np.array([b for _, b in runs])
         row_bytes = self.feature_dim * self.storage_dtype.itemsize
         block_rows = max(1, _BLOCK_BYTES // row_bytes)
-        total = self.num_frames
-        with tqdm(total=total, desc=desc, unit="row", unit_scale=True,
-                  disable=not self._progress or total * row_bytes < 4 * _BLOCK_BYTES) as bar:
-            for start, stop in self._runs():
-                for block_start in range(start, stop, block_rows):
-                    block_stop = min(stop, block_start + block_rows)
-                    yield block_start, block_stop
-                    bar.update(block_stop - block_start)
+        features = self._index.features
+        with tqdm(total=self.num_frames, desc=desc, unit="row", unit_scale=True,
+                  disable=not self._progress or self.num_frames * row_bytes < 4 * _BLOCK_BYTES
+                  ) as bar:
+            for begin in range(runs[0][0], runs[-1][1], block_rows):
+                end = begin + block_rows
+                first = int(np.searchsorted(run_stops, begin, side="right"))
+                last = int(np.searchsorted(run_starts, end, side="left"))
+                pieces = [(max(int(run_starts[k]), begin), min(int(run_stops[k]), end))
+                          for k in range(first, last)]
+                pieces = [(a, b) for a, b in pieces if b > a]
+                if not pieces:
+                    continue
+                count = sum(b - a for a, b in pieces)
+                low, high = pieces[0][0], pieces[-1][1]
+                if len(pieces) == 1:
+                    yield features[low:high], low
+                elif (high - low - count) * row_bytes <= len(pieces) * _READ_CALL_BYTES:
+                    rows = np.concatenate([np.arange(a, b) for a, b in pieces])
+                    yield features[low:high][rows - low], rows
+                else:
+                    for a, b in pieces:
+                        yield features[a:b], a
+                bar.update(count)
 
     def read_all(self) -> np.ndarray:
         """The selection's features concatenated, float32 ``[sum T, D]``.
@@ -497,14 +530,12 @@ class FeatureStore:
         total = self.num_frames
         check_fits_in_memory(self.path, total * self.feature_dim * 4, "reading all features")
         out = np.empty((total, self.feature_dim), dtype=np.float32)
-        features = self._index.features
         pos = 0
-        for start, stop in self._blocks(f"reading {self.path.name}"):
-            block = features[start:stop]
+        for block, rows in self._selected_blocks(f"reading {self.path.name}"):
             if has_non_finite(block):
-                self._raise_non_finite(block, start)
-            to_float32(block, out=out[pos : pos + stop - start])
-            pos += stop - start
+                self._raise_non_finite(block, rows)
+            to_float32(block, out=out[pos : pos + len(block)])
+            pos += len(block)
         return out
 
     def preload(self) -> None:
@@ -520,11 +551,9 @@ class FeatureStore:
 
         Raises :class:`FeatureStoreError` naming the first bad row and its video id.
         """
-        features = self._index.features
-        for start, stop in self._blocks(f"validating {self.path.name}"):
-            block = features[start:stop]
+        for block, rows in self._selected_blocks(f"validating {self.path.name}"):
             if has_non_finite(block):
-                self._raise_non_finite(block, start)
+                self._raise_non_finite(block, rows)
 
     # -- lifetime -----------------------------------------------------------------------------
 

@@ -271,19 +271,53 @@ def test_read_all_matches_videos(good: Path, split: str | None) -> None:
                                                             for i in range(len(store))]))
 
 
-def test_read_all_reads_runs_not_videos(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "_BLOCK_BYTES", 10**9)
-    with FeatureStore(good, split="train") as store:  # videos 0,1 | 4,5 | 8,9
-        assert store._runs() == [(int(store.starts[0]), int(store.starts[1] + store.lengths[1])),
-                                 (int(store.starts[2]), int(store.starts[3] + store.lengths[3])),
-                                 (int(store.starts[4]), int(store.starts[5] + store.lengths[5]))]
-        assert len(list(store._blocks("test"))) == 3
-    monkeypatch.setattr(store_module, "_BLOCK_BYTES", 5 * D * 4)  # blocks of 5 rows
-    with FeatureStore(good) as store:
-        assert len(store._runs()) == 1
-        assert all(b - a <= 5 for a, b in store._blocks("test"))
-        np.testing.assert_array_equal(store.read_all(),
-                                      np.concatenate([video_rows(v) for v in range(12)]))
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    reads: list[tuple] = []
+    original = h5py.Dataset.__getitem__
+
+    def counting(self, key, *args, **kwargs):
+        if self.name == "/features":
+            reads.append(key)
+        return original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    return reads
+
+
+def test_read_all_reads_blocks_not_videos(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _count_reads(monkeypatch)
+    expected = {v: video_rows(v) for v in range(12)}
+    with FeatureStore(good) as store:  # contiguous: one read
+        np.testing.assert_array_equal(store.read_all(), np.concatenate(list(expected.values())))
+        assert len(reads) == 1
+        reads.clear()
+        train = store.select(split="train")  # videos 0,1 | 4,5 | 8,9: dense, one read
+        np.testing.assert_array_equal(train.read_all(),
+                                      np.concatenate([expected[v] for v in (0, 1, 4, 5, 8, 9)]))
+        assert len(reads) == 1
+        reads.clear()
+        monkeypatch.setattr(store_module, "_READ_CALL_BYTES", 0)  # sparse: one read per run
+        train.validate()
+        assert len(reads) == 3
+        reads.clear()
+        monkeypatch.setattr(store_module, "_BLOCK_BYTES", 5 * D * 4)  # blocks of 5 rows
+        np.testing.assert_array_equal(train.read_all(),
+                                      np.concatenate([expected[v] for v in (0, 1, 4, 5, 8, 9)]))
+        assert all(isinstance(key, slice) and key.stop - key.start <= 5 for key in reads)
+        monkeypatch.setattr(store_module, "_READ_CALL_BYTES", 10**9)
+        np.testing.assert_array_equal(train.read_all(),
+                                      np.concatenate([expected[v] for v in (0, 1, 4, 5, 8, 9)]))
+
+
+def test_non_finite_found_in_dense_blocks(good: Path) -> None:
+    with h5py.File(good, "a") as f:
+        f["features"][int(f["offsets"][8]) + 1, 3] = -np.inf
+        f["features"][int(f["offsets"][2]), 3] = np.nan  # val video: not in the selection
+    with FeatureStore(good, split="train") as store:
+        with pytest.raises(FeatureStoreError, match="frame 1 of video 'vid008'"):
+            store.read_all()
+        with pytest.raises(FeatureStoreError, match="frame 1 of video 'vid008'"):
+            store.validate()
 
 
 def test_preload(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
