@@ -115,6 +115,16 @@ class CachedFrameSource(FrameSource):
         offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
         self.offsets = torch.as_tensor(offsets, dtype=torch.long, device=self.device)
 
+    def __getstate__(self) -> dict:
+        # Pickle by path (the store reopens its file), not the feature tensor: vector envs
+        # clone environments with (cloud)pickle and would otherwise copy every feature.
+        return {"store": self.store, "device": str(self.device), "dtype": self.flat.dtype,
+                "split": self.split}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["store"], device=state["device"], dtype=state["dtype"])
+        self.split = state["split"]
+
     def gather(self, videos: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         rows = self.flat[self.offsets[videos] + frames]
         return rows if rows.dtype == torch.float32 else rows.float()

@@ -118,3 +118,21 @@ def test_bad_rows_and_empty_videos_are_refused(path: Path) -> None:
         f["offsets"][1] = f["offsets"][2]
     with pytest.raises(FeatureStoreError, match="video 'v1' has no frames"):
         CachedFrameSource(path, split="val", device="cpu")
+
+
+def test_pickles_by_path_not_by_tensor(tmp_path: Path) -> None:
+    import pickle
+
+    path = tmp_path / "long.h5"
+    with FeatureWriter(path, feature_dim=D, class_names=["a"], backbone="test") as writer:
+        for v in range(4):
+            writer.add(f"v{v}", np.full((1000, D), v, dtype=np.float32), 0, "train")
+    source = CachedFrameSource(path, split="train", device="cpu", dtype=torch.float16)
+    data = pickle.dumps(source)
+    assert len(data) < 4000 < source.flat.numel() * 2  # the path, not the features
+    copy = pickle.loads(data)
+    assert copy.video_ids == source.video_ids and copy.split == "train"
+    assert copy.flat.dtype == torch.float16 and copy.device == source.device
+    videos, frames = random_queries(source, 30)
+    torch.testing.assert_close(copy.gather(videos, frames), source.gather(videos, frames),
+                               rtol=0, atol=0)
