@@ -291,8 +291,9 @@ class FeatureStore:
         split: keep only videos of this split (``"train"``, ``"val"``, ``"test"``), or all.
         labels: keep only videos whose label is in this collection.
         preload: read the selected videos' features into memory (float32) at open; refused
-            with a :class:`FeatureStoreError` when they would not fit. For features on a GPU,
-            use :class:`features.source.CachedFrameSource`.
+            with a :class:`FeatureStoreError` when they would not fit. ``"auto"``: preload
+            only when they fit, else read lazily. For features on a GPU, use
+            :class:`features.source.CachedFrameSource`.
         progress: show a progress bar while preloading / validating large selections.
 
     Attributes:
@@ -307,15 +308,21 @@ class FeatureStore:
         *,
         split: str | None = None,
         labels: Sequence[int] | None = None,
-        preload: bool = False,
+        preload: bool | str = False,
         progress: bool = True,
     ) -> None:
         self.path = Path(path)
         self._progress = progress
         self._index = _open(self.path)
         self._set_selection(self._selection_mask(split, labels))
-        if preload:
+        if preload == "auto":
+            needed = self.num_frames * self.feature_dim * 4
+            if needed <= _MEMORY_FRACTION * available_memory_bytes():
+                self.preload()
+        elif preload is True:
             self.preload()
+        elif preload is not False:
+            raise ValueError(f"preload must be True, False or 'auto', got {preload!r}")
 
     # -- selection ----------------------------------------------------------------------------
 

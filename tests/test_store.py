@@ -327,10 +327,17 @@ def test_preload(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         for i, v in enumerate([2, 6, 10]):
             np.testing.assert_array_equal(store.video(i), video_rows(v))
         assert not store.video(0).flags.writeable
+    with FeatureStore(good, preload="auto") as store:
+        assert store.preloaded
     monkeypatch.setattr(store_module, "available_memory_bytes", lambda: 1000)
     with pytest.raises(FeatureStoreError, match=r"needs .* GiB but only .* available") as info:
         FeatureStore(good, preload=True)
     assert info.value.field == "features" and str(good) in str(info.value)
+    with FeatureStore(good, preload="auto") as store:  # does not fit: stays lazy
+        assert not store.preloaded
+        np.testing.assert_array_equal(store.video(3), video_rows(3))
+    with pytest.raises(ValueError, match="preload must be"):
+        FeatureStore(good, preload="yes")
 
 
 def test_pickle_reopens_by_path(good: Path) -> None:
