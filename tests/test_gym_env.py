@@ -166,3 +166,47 @@ def test_lean_vector_env_rewards_are_frame_costs(h5):
     np.testing.assert_allclose(rew, -0.25 * new.numpy())
     # P_t is only computed when an episode ends
     assert np.isnan(info["p_gt"][~term]).all() and np.isfinite(info["p_gt"][term]).all()
+
+
+def test_vector_env_partial_reset_mask(h5):
+    """``options={"reset_mask": m}`` restarts only masked rows and cancels their autoreset."""
+    B = 4
+    venv = VideoLocatorsVectorEnv(num_envs=B, **kwargs(h5))
+    venv.reset(seed=0)
+    obs, _, term, _, info = venv.step(np.zeros((B, 3), dtype=np.int64))  # all stop: all end
+    assert term.all()
+    mask = np.array([True, False, True, False])
+    obs, info = venv.reset(options={"reset_mask": mask})
+    assert (info["frames"][mask] == 1).all() and obs["alive"][mask].all()
+    # masked rows step on as fresh episodes; unmasked rows still autoreset this step
+    obs, rew, term, _, info = venv.step(np.ones((B, 3), dtype=np.int64))
+    step_counter = obs["observation"][:, 0, -1]  # t / m
+    np.testing.assert_allclose(step_counter[mask], 1 / 4)
+    assert (step_counter[~mask] == 0).all() and (rew[~mask] == 0).all()
+    assert (info["frames"][~mask] == 1).all()
+    with pytest.raises(ValueError, match="reset_mask"):
+        venv.reset(options={"reset_mask": np.ones(B + 1, dtype=bool)})
+
+
+def test_tianshou_collector_on_video_locators(h5):
+    """Tianshou's stock Collector gathers whole episodes from the batched env via the adapter."""
+    from tianshou.data import Collector, VectorReplayBuffer
+
+    from agents.ctde_sac import SACConfig, build_ctde_sac
+    from agents.tianshou_env import TianshouVectorEnvAdapter
+
+    B = 4
+    venv = VideoLocatorsVectorEnv(num_envs=B, **kwargs(h5))
+    adapter = TianshouVectorEnvAdapter(venv)
+    obs_dim = venv.single_observation_space["observation"].shape[1]
+    config = SACConfig(actor_hidden=(32,), critic_hidden=(32,), seed=0, device="cpu")
+    algorithm = build_ctde_sac(obs_dim, 3, config)
+    collector = Collector(algorithm, adapter, VectorReplayBuffer(256, B),
+                          raise_on_nan_in_buffer=False)
+    collector.reset()
+    stats = collector.collect(n_step=40)
+    assert stats.n_collected_steps == 40
+    assert stats.n_collected_episodes >= B  # episodes last at most m + 1 = 5 steps
+    # every stored episode starts with all locators alive and one frame each
+    buf = collector.buffer
+    assert len(buf) == 40 and np.isfinite(buf.rew[:40]).all()

@@ -218,9 +218,26 @@ class VideoLocatorsVectorEnv(VectorEnv):
         if seed is not None:
             self.sampler.seed(seed)
             self.action_space.seed(seed)
+        mask = (options or {}).get("reset_mask")
+        if mask is not None and self.core.batch_size is not None:
+            return self._reset_rows(mask)
         self.core.reset(self._draw(self.num_envs))
         self._needs_reset.zero_()
         self._returns[:] = 0.0
+        return self._obs(), self._info()
+
+    def _reset_rows(self, mask: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Gymnasium's partial reset (``options={"reset_mask": bool [B]}``): restart only the
+        masked rows, cancelling their pending autoreset; the other rows run on untouched."""
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_ or mask.shape != (self.num_envs,):
+            raise ValueError(f"options['reset_mask'] must be a bool array of shape "
+                             f"({self.num_envs},), got {mask.dtype} {mask.shape}")
+        rows = torch.as_tensor(np.flatnonzero(mask), device=self.core.device)
+        if len(rows):
+            self.core.reset(self._draw(len(rows)), rows=rows)
+            self._needs_reset[rows] = False
+            self._returns[mask] = 0.0
         return self._obs(), self._info()
 
     def step(self, actions: Any) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray,

@@ -129,7 +129,9 @@ class Recognizer(nn.Module):
             layer = nn.TransformerEncoderLayer(
                 d, c.transformer_heads, c.transformer_ff_dim, c.dropout, batch_first=True
             )
-            self.integrate = nn.TransformerEncoder(layer, c.transformer_layers, enable_nested_tensor=False)
+            self.integrate = nn.TransformerEncoder(
+                layer, c.transformer_layers, enable_nested_tensor=False
+            )
             out_dim = d
         elif c.integration == "forward":
             self.integrate = nn.Sequential(
@@ -152,7 +154,9 @@ class Recognizer(nn.Module):
         return torch.zeros(batch, self.config.num_locators, self.state_dim, device=device,
                            dtype=self.classifier.weight.dtype)
 
-    def observe(self, state: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def observe(
+        self, state: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Fold one frame per locator into the state: ``h_i <- F_T^i(x_i, h_i)``.
 
         Args:
@@ -290,7 +294,9 @@ class Recognizer(nn.Module):
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: field 'format': not a {CHECKPOINT_FORMAT} checkpoint")
         if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: field 'version': expected {CHECKPOINT_VERSION}, got {ckpt.get('version')}")
+            raise ValueError(
+                f"{path}: field 'version': expected {CHECKPOINT_VERSION}, got {ckpt.get('version')}"
+            )
         raw = json.loads(ckpt["config"])
         known = {f.name for f in fields(RecognizerConfig)}
         unknown = set(raw) - known
