@@ -599,10 +599,11 @@ class FeatureWriter:
     Data goes to ``<path>.partial``; ``close()`` renames it to ``path``, so a file under the
     final name is always complete. Videos are committed (their offset written, the file flushed)
     every ``flush_every`` videos, feature rows and index entries before the offset, so a killed
-    process loses at most the uncommitted videos. With ``resume=True`` an existing ``.partial``
-    file is reopened, anything past its last committed video is dropped, and its finished videos
-    are kept (``video_id in writer`` tells which). An exception inside ``with`` keeps the
-    partial file for a later resume.
+    process loses at most the uncommitted videos. With ``resume=True`` the committed videos of
+    an existing ``.partial`` file are copied into a fresh partial file (anything past the last
+    commit is dropped; HDF5 is not crash-safe, so nothing else of the crashed file is reused)
+    and writing continues there (``video_id in writer`` tells which videos are done). An
+    exception inside ``with`` keeps the partial file for a later resume.
 
     Args:
         path: final file name.
@@ -712,7 +713,7 @@ class FeatureWriter:
         except OSError as exc:
             raise FeatureStoreError(where, "<file>", f"cannot resume: partial file unreadable "
                                     f"({exc}); delete it to start afresh") from None
-        fresh_path = where.with_name(where.name + ".resume")
+        fresh_path = self.path.with_name(self.path.name + ".resume.partial")
         try:
             with old:
                 num_videos, index = self._committed(old, attrs)
