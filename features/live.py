@@ -143,6 +143,7 @@ class LiveFrameSource(FrameSource):
         workers: videos decoded in parallel threads within one ``gather`` (1: sequentially).
         max_cached_videos: per-video caches kept (least recently used dropped first); keep it
             above the number of episodes running at once, or a running episode may re-extract.
+        extract_batch: most frames per backbone call (a large gather is split to bound memory).
         progress: a progress bar while probing the files' lengths.
     """
 
@@ -159,6 +160,7 @@ class LiveFrameSource(FrameSource):
         decoder_threads: int = 1,
         workers: int = 1,
         max_cached_videos: int = 4096,
+        extract_batch: int = 64,
         progress: bool = False,
     ) -> None:
         if not fps > 0:
@@ -167,6 +169,8 @@ class LiveFrameSource(FrameSource):
             raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
         if int(max_cached_videos) < 1:
             raise ValueError(f"max_cached_videos must be >= 1, got {max_cached_videos}")
+        if int(extract_batch) < 1:
+            raise ValueError(f"extract_batch must be >= 1, got {extract_batch}")
         entries, names = _rows_from(videos, class_names)
         origin = str(videos) if isinstance(videos, (str, os.PathLike)) else "<rows>"
         entries = [e for e in entries if split is None or e.split == split]
@@ -192,6 +196,7 @@ class LiveFrameSource(FrameSource):
         self.lengths = np.array([len(r.sample_times(self.fps)) for r in self.readers],
                                 dtype=np.int64)
         self.workers = int(workers)
+        self.extract_batch = int(extract_batch)
         self.max_cached_videos = int(max_cached_videos)
         self._cache: OrderedDict[int, dict[int, torch.Tensor]] = OrderedDict()
         self.reset_counters()
@@ -269,7 +274,9 @@ class LiveFrameSource(FrameSource):
         self.frames_decoded += len(pixels)
         self.decode_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        feats = self.backbone.extract(pixels)  # one batched call across all videos
+        step = self.extract_batch  # batched across all videos of the call, in bounded chunks
+        feats = torch.cat([self.backbone.extract(pixels[i:i + step])
+                           for i in range(0, len(pixels), step)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.frames_extracted += len(pixels)
