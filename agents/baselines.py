@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from agents.evaluate import recognizer_cost
-from agents.policies import LocatorPolicy
 from agents.metrics import mean_average_precision
+from agents.policies import LocatorPolicy
 from agents.selection import Selection, gather_padded, segment_bounds
 from features.source import FrameSource
 from vimo_env.recognizer import Recognizer

@@ -168,7 +168,8 @@ class ThreeStageTrainer:
     def build_algorithm(self, recognizer: Recognizer, seed_offset: int = 0) -> CTDESAC:
         """A fresh CTDE SAC learner with this config's shapes."""
         obs_dim = recognizer.embedding_dim + 3
-        return build_ctde_sac(obs_dim, self.config.num_locators, self.config.sac_config(seed_offset))
+        config = self.config.sac_config(seed_offset)
+        return build_ctde_sac(obs_dim, self.config.num_locators, config)
 
     def load_algorithm(self, recognizer: Recognizer, checkpoint: Path) -> CTDESAC:
         algorithm = self.build_algorithm(recognizer)

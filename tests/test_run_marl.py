@@ -1,0 +1,110 @@
+"""benchmarks/run_marl.py end to end on the tiny preset; resume after an interruption."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_POLICY_KEYS = {"name", "mAP", "top1", "frame_rate", "frames_per_video", "gflops_per_video"}
+POLICIES = {"adaptive", "all", "uniform-25", "uniform-50", "random-25", "random-50", "initial",
+            "open-loop"}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("run_marl", ROOT / "benchmarks" / "run_marl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_marl():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def full_run(run_marl, tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("marl_full")
+    payload = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
+                             str(out), "--seed", "0", "--no-progress"])
+    return out, payload
+
+
+def test_tiny_run_writes_results_files(full_run, tiny_dataset):
+    out, payload = full_run
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved) >= {"dataset", "seed", "config", "policies", "stages", "flops_unit",
+                          "wall_time_s"}
+    assert saved["dataset"] == str(tiny_dataset) and saved["seed"] == 0
+    assert saved["flops_unit"] in ("MACs", "FLOPs") and saved["wall_time_s"] > 0
+    assert {p["name"] for p in saved["policies"]} == POLICIES
+    for p in saved["policies"]:
+        assert set(p) == SPEC_POLICY_KEYS
+        assert 0 <= p["mAP"] <= 100 and 0 <= p["top1"] <= 100 and 0 < p["frame_rate"] <= 100
+    rows = {p["name"]: p for p in saved["policies"]}
+    assert rows["all"]["frame_rate"] == pytest.approx(100.0)
+    assert rows["initial"]["frames_per_video"] == 3.0
+    # adaptive policies see at most N*(m+1) = 15 frames; cost grows with frames
+    assert 3 <= rows["adaptive"]["frames_per_video"] <= 15
+    for a in rows.values():
+        for b in rows.values():
+            if a["frames_per_video"] < b["frames_per_video"] - 1e-9:
+                assert a["gflops_per_video"] < b["gflops_per_video"], (a, b)
+    assert [s["stage"] for s in saved["stages"]] == ["I", "II", "III"]
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {r["name"] for r in table if r["kind"] == "policy"} == POLICIES
+    assert sum(r["kind"].startswith("stage-") for r in table) == 3
+    png = (out / "map_vs_gflops.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    train = out / "train"
+    for part in ("stage1/stage1_best.pt", "stage2/checkpoint.pt", "stage2/done.json",
+                 "stage3/round0/recognizer.pt", "stage3/round0/sac/checkpoint.pt"):
+        assert (train / part).is_file(), part
+    assert any((train / "stage2" / "tb").iterdir()) and any((train / "tb").iterdir())
+
+
+def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run, tiny_dataset,
+                                                             tmp_path):
+    _, reference = full_run
+    args = ["--dataset", str(tiny_dataset), "--budget", "tiny", "--out", str(tmp_path),
+            "--seed", "0", "--no-progress"]
+    # interrupted after Stage I, and in the middle of Stage II (its last epoch lost)
+    run_marl.main(args + ["--stop-after", "II"])
+    stage1 = tmp_path / "train" / "stage1" / "stage1_best.pt"
+    stage1_bytes = stage1.read_bytes()
+    stage1_mtime = stage1.stat().st_mtime_ns
+    (tmp_path / "train" / "stage2" / "done.json").unlink()
+    shutil.rmtree(tmp_path / "train" / "stage3", ignore_errors=True)
+    assert not (tmp_path / "train" / "stage3").exists()
+    resumed = run_marl.main(args + ["--resume"])
+    # Stage I was not redone; Stage II continued from its checkpoint; Stage III ran
+    assert stage1.stat().st_mtime_ns == stage1_mtime and stage1.read_bytes() == stage1_bytes
+    assert (tmp_path / "train" / "stage2" / "done.json").is_file()
+    assert (tmp_path / "train" / "stage3" / "round0" / "sac" / "checkpoint.pt").is_file()
+    assert (tmp_path / "results.json").is_file()
+    ref = {p["name"]: p for p in reference["policies"]}
+    got = {p["name"]: p for p in resumed["policies"]}
+    # policies that do not depend on Stage II/III's learning match the uninterrupted run
+    for name in ("all", "uniform-50", "initial"):
+        assert got[name]["frames_per_video"] == ref[name]["frames_per_video"]
+    assert resumed["stages"][0] == reference["stages"][0]
+
+
+def test_same_seed_same_numbers(run_marl, full_run, tiny_dataset, tmp_path):
+    _, reference = full_run
+    again = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
+                           str(tmp_path), "--seed", "0", "--no-progress"])
+    assert again["policies"] == reference["policies"]
+    assert again["stages"] == reference["stages"]
+
+
+def test_bad_dataset_path_is_reported(run_marl, tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        run_marl.main(["--dataset", str(tmp_path / "missing.h5"), "--out", str(tmp_path)])
