@@ -42,7 +42,7 @@ class Stage1Config:
     ``{"temporal": "lstm", "integration": "transformer", "hidden_dim": 256}``.
     """
 
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3  # paper: 1e-5 at batch 8 on real features; see the module docstring
     weight_decay: float = 0.0

@@ -10,7 +10,9 @@ selections ``initial``, ``random-25``, ``uniform-25``, ``random-50``, ``uniform-
 and the diagnostic ``oracle-in-reach``: per locator, the frames ``s_i + k*delta``
 (``k = 0..m``, ``delta = 3``, ``m = 4``: the positions a locator reaches with single-stride
 moves) that lie on a semantic unit, else its initial frame. It shows how well a policy that
-moves onto units can do inside its reachable window with <= 5 frames per locator.
+moves onto units can do inside its reachable window with <= 5 frames per locator. A second
+diagnostic, ``oracle-path``, is a feasible closed-loop path (moves of 1-3 strides, every landing
+frame observed) that looks one step ahead on the unit annotations (see :func:`oracle_path`).
 
 Prints a table and the checks (Stage I under 3 minutes; all-frames mAP >= initial-only + 20;
 random-25 between them) and saves ``DIR/stage1.json``.
@@ -60,6 +62,39 @@ def oracle_in_reach(
     return frame_index, mask
 
 
+def oracle_path(
+    lengths: np.ndarray, units: list[np.ndarray], num_locators: int = 3, max_moves: int = 4,
+    stride: int = 3,
+) -> Selection:
+    """A feasible closed-loop path per locator with one step of look-ahead on the annotations.
+
+    From ``s_i``, each move (1-3 strides, at most ``max_moves``) lands on the nearest reachable
+    frame of a unit type this locator has not seen yet, else jumps 3 strides; the locator stops
+    once it has seen two distinct unit types. Every landing frame counts (background ones too),
+    exactly as in the environment. Python loops: a diagnostic on the test split only.
+    """
+    starts = segment_bounds(lengths, num_locators)[:, :-1]
+    V, N = starts.shape
+    frame_index = np.repeat(starts[..., None], max_moves + 1, axis=-1)
+    mask = np.zeros(frame_index.shape, dtype=bool)
+    mask[..., 0] = True
+    for v, ann in enumerate(units):
+        T = len(ann)
+        for i in range(N):
+            p = int(starts[v, i])
+            seen = {int(ann[p])} - {-1}
+            for n in range(1, max_moves + 1):
+                if len(seen) >= 2 or p >= T - 1:
+                    break
+                reach = sorted({min(p + k * stride, T - 1) for k in (1, 2, 3)})
+                new = [c for c in reach if ann[c] >= 0 and int(ann[c]) not in seen]
+                p = new[0] if new else reach[-1]
+                frame_index[v, i, n], mask[v, i, n] = p, True
+                if ann[p] >= 0:
+                    seen.add(int(ann[p]))
+    return frame_index, mask
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
@@ -92,6 +127,8 @@ def main() -> None:
     units = frame_units(args.preset, args.seed, test.video_ids)
     oracle = oracle_in_reach(test.lengths, units, config.num_locators)
     rows["oracle-in-reach"] = evaluate_selection(model, test, oracle, seed=args.seed)
+    path_sel = oracle_path(test.lengths, units, config.num_locators)
+    rows["oracle-path"] = evaluate_selection(model, test, path_sel, seed=args.seed)
 
     print(f"\ndataset {path} ({len(test.lengths)} test videos), generated in {generate_s:.1f} s")
     print(f"Stage I: {args.epochs} epochs in {train_s:.1f} s ({torch.get_num_threads()} threads), "

@@ -65,10 +65,11 @@ class SyntheticConfig:
     gap_length: tuple[int, int] = (4, 16)  # background frames between unit instances
     shot_length: tuple[int, int] = (3, 12)  # frames per background shot
     feature_dim: int = 128
+    # noise above the prototype scale, so that seeing more frames of a unit pays
     prototype_scale: float = 1.0  # std of prototype entries
     instance_scale: float = 0.35  # std of a per-instance offset (same unit, different look)
     drift: float = 0.08  # std per frame of the random walk inside a span
-    noise: float = 0.9  # std of i.i.d. per-frame noise
+    noise: float = 1.3  # std of i.i.d. per-frame noise
     noise_frame_prob: float = 0.04  # frames replaced by pure noise (cuts, blur)
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, val, test
     dtype: str = "float16"
@@ -107,7 +108,8 @@ PRESETS: dict[str, SyntheticConfig] = {
     # tests: ~100 videos, short, small dim: generates in well under a second
     "tiny": SyntheticConfig(
         num_videos=120, num_classes=6, vocabulary=8, units_per_class=3, background_types=4,
-        length=(30, 60), unit_length=(4, 10), gap_length=(2, 8), feature_dim=16, noise=0.6,
+        length=(30, 60), unit_length=(4, 10), gap_length=(2, 8), feature_dim=16,
+        prototype_scale=1.0, instance_scale=0.3, noise=0.6,
         split_fractions=(0.6, 0.2, 0.2),
     ),
     # the demo: 3000 videos of 60-180 frames, 20 classes over 24 unit types
