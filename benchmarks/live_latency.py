@@ -20,7 +20,7 @@ between passes. Policies:
 Latency = mean wall time per video at batch 1 (decode + extract + recognizer + policy);
 throughput = videos per second with ``--batch`` videos processed together (one backbone call
 per env step across the batch; rows beyond the number of MP4 files reuse files, each row with
-its own cache). The first pass warms up and is not timed. Timings on a shared machine are noisy.
+its own cache). One untimed video warms up first. Timings on a shared machine are noisy.
 """
 
 from __future__ import annotations
@@ -126,8 +126,7 @@ class Runner:
 def measure(runner: Runner, policy: str, rows_list: list[np.ndarray], repeats: int) -> dict:
     """Mean seconds per call over ``repeats`` passes of ``rows_list`` (after a warm-up pass)."""
     source = runner.source
-    for rows in rows_list:  # warm-up: caches, page cache, allocator
-        runner.run(policy, rows)
+    runner.run(policy, rows_list[0][:1])  # warm-up (model, page cache, allocator); untimed
     source.reset_counters()
     calls, frames, start = 0, 0, time.perf_counter()
     for _ in range(repeats):
