@@ -50,6 +50,14 @@ class ExtractionSummary:
     frames: int = 0
     seconds: float = 0.0
     failed: list[dict[str, str]] = field(default_factory=list)
+    #: frames and seconds after the first video was written: throughput once the decode
+    #: pipeline is full (worker start-up and the first decode excluded)
+    steady_frames: int = 0
+    steady_seconds: float = 0.0
+
+    @property
+    def steady_frames_per_s(self) -> float:
+        return self.steady_frames / self.steady_seconds if self.steady_seconds > 0 else 0.0
 
     @property
     def videos_per_s(self) -> float:
@@ -64,7 +72,8 @@ class ExtractionSummary:
                 "videos_written": self.videos_written, "videos_skipped": self.videos_skipped,
                 "videos_failed": len(self.failed), "frames": self.frames,
                 "seconds": self.seconds, "videos_per_s": self.videos_per_s,
-                "frames_per_s": self.frames_per_s, "failed": self.failed}
+                "frames_per_s": self.frames_per_s,
+                "steady_frames_per_s": self.steady_frames_per_s, "failed": self.failed}
 
 
 class DecodeDataset(Dataset):
@@ -191,6 +200,8 @@ def extract(
     stop_after = int(os.environ.get(_STOP_AFTER_ENV, "0") or 0)
     _ = net.macs_per_frame  # measured once (one forward), outside the timed run
     start = time.perf_counter()
+    first_written: float | None = None
+    first_frames = 0
     with _open_writer(out, net, class_names, fps, resume, dtype) as writer:
         pending = [e for e in entries if e.video_id not in writer]
         summary.videos_skipped = len(entries) - len(pending)
@@ -209,13 +220,19 @@ def extract(
                     _flush(writer)
                     summary.videos_written += 1
                     summary.frames += len(frames)
+                    if first_written is None:
+                        first_written, first_frames = time.perf_counter(), summary.frames
                     if stop_after and summary.videos_written >= stop_after:
                         _crash()
                 bar.update(1)
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(frames_per_s=f"{summary.frames / max(elapsed, 1e-9):.1f}",
                                 failed=len(summary.failed))
-    summary.seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    summary.seconds = end - start
+    if first_written is not None:
+        summary.steady_frames = summary.frames - first_frames
+        summary.steady_seconds = end - first_written
     _write_failed(out, summary.failed)
     return summary
 
