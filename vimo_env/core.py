@@ -582,3 +582,25 @@ def load_recognizer(recognizer: object, source: FrameSource, num_locators: int,
         return Recognizer.load(recognizer)
     raise TypeError(f"recognizer must be a Recognizer, a checkpoint path or None, "
                     f"got {type(recognizer).__name__}")
+
+
+def build_core(
+    features: object,
+    recognizer: object,
+    *,
+    split: str | None,
+    num_locators: int,
+    max_moves: int,
+    stride: int,
+    frame_cost: float,
+    device: str | torch.device,
+    seed: int | None,
+    compute_rewards: bool,
+    batch_size: int,
+) -> LocatorCore:
+    """The engine behind every front-end, from the SPEC section 6 keywords."""
+    source = load_source(features, split, device)
+    rec = load_recognizer(recognizer, source, num_locators, seed)
+    return LocatorCore(source, rec, num_locators=num_locators, max_moves=max_moves,
+                       stride=stride, frame_cost=frame_cost, compute_rewards=compute_rewards,
+                       device=device, batch_size=batch_size)

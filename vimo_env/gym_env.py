@@ -32,23 +32,12 @@ from vimo_env.core import (
     EpisodeBatch,
     LocatorCore,
     VideoSampler,
-    load_recognizer,
-    load_source,
+    build_core,
 )
 from vimo_env.parallel_env import RENDER_MODES, action_from, observation_space_for
 from vimo_env.render import render_row
 
 ENV_ID = "VideoLocators-v0"
-
-
-def _build(features: Any, recognizer: Any, split: str | None, num_locators: int,
-           max_moves: int, stride: int, frame_cost: float, device: Any, seed: int | None,
-           compute_rewards: bool, batch_size: int) -> LocatorCore:
-    source = load_source(features, split, device)
-    rec = load_recognizer(recognizer, source, num_locators, seed)
-    return LocatorCore(source, rec, num_locators=num_locators, max_moves=max_moves,
-                       stride=stride, frame_cost=frame_cost, compute_rewards=compute_rewards,
-                       device=device, batch_size=batch_size)
 
 
 def _single_spaces(core: LocatorCore) -> tuple[spaces.Dict, spaces.MultiDiscrete]:
@@ -88,8 +77,10 @@ class VideoLocatorsEnv(gymnasium.Env):
             raise ValueError(f"render_mode must be one of {RENDER_MODES} or None, "
                              f"got {render_mode!r}")
         self.render_mode = render_mode
-        self.core = _build(features, recognizer, split, num_locators, max_moves, stride,
-                           frame_cost, device, seed, compute_rewards, batch_size=1)
+        self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
+                               max_moves=max_moves, stride=stride, frame_cost=frame_cost,
+                               device=device, seed=seed, compute_rewards=compute_rewards,
+                               batch_size=1)
         self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
         self.observation_space, self.action_space = _single_spaces(self.core)
         self._return = 0.0
@@ -189,8 +180,10 @@ class VideoLocatorsVectorEnv(VectorEnv):
                              f"got {render_mode!r}")
         self.render_mode = render_mode
         self.num_envs = int(num_envs)
-        self.core = _build(features, recognizer, split, num_locators, max_moves, stride,
-                           frame_cost, device, seed, compute_rewards, batch_size=self.num_envs)
+        self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
+                               max_moves=max_moves, stride=stride, frame_cost=frame_cost,
+                               device=device, seed=seed, compute_rewards=compute_rewards,
+                               batch_size=self.num_envs)
         self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
         self.single_observation_space, self.single_action_space = _single_spaces(self.core)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)

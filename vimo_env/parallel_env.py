@@ -20,8 +20,7 @@ from vimo_env.core import (
     NUM_ACTIONS,
     LocatorCore,
     VideoSampler,
-    load_recognizer,
-    load_source,
+    build_core,
 )
 from vimo_env.render import render_row
 
@@ -89,12 +88,11 @@ class VideoLocatorsParallelEnv(ParallelEnv):
             raise ValueError(f"render_mode must be one of {RENDER_MODES} or None, "
                              f"got {render_mode!r}")
         self.render_mode = render_mode
-        self.source = load_source(features, split, device)
-        rec = load_recognizer(recognizer, self.source, num_locators, seed)
-        self.core = LocatorCore(
-            self.source, rec, num_locators=num_locators, max_moves=max_moves, stride=stride,
-            frame_cost=frame_cost, compute_rewards=compute_rewards, device=device, batch_size=1,
-        )
+        self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
+                               max_moves=max_moves, stride=stride, frame_cost=frame_cost,
+                               device=device, seed=seed, compute_rewards=compute_rewards,
+                               batch_size=1)
+        self.source = self.core.source
         self.sampler = VideoSampler(self.source.num_videos, sampler, seed)
         self.possible_agents = [f"locator_{i}" for i in range(num_locators)]
         self.agents: list[str] = []
