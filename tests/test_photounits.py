@@ -133,3 +133,51 @@ def test_bad_config_names_the_field() -> None:
         PhotoUnitsConfig(textures=("coffee",))
     with pytest.raises(ValueError, match="unknown PhotoUnits preset"):
         ensure_dataset("unused", "huge")
+
+
+def test_bank_key_ignores_video_assembly_knobs() -> None:
+    assembly = replace(TINY, num_videos=99, length=(30, 40), unit_length=(3, 5),
+                       gap_length=(2, 9), noise_frame_prob=0.1, distractor_prob=0.2)
+    assert assembly.bank_key(0) == TINY.bank_key(0)
+    assert assembly.key(0) != TINY.key(0)
+    for bank_change in (replace(TINY, shots_per_photo=3), replace(TINY, frames_per_shot=4),
+                        replace(TINY, textures=("brick", "gravel")),
+                        replace(TINY, frame_size=240)):
+        assert bank_change.bank_key(0) != TINY.bank_key(0)
+    assert TINY.bank_key(1) != TINY.bank_key(0)
+
+
+def test_ensure_dataset_reuses_the_bank_across_assembly_changes(tmp_path, monkeypatch) -> None:
+    import features.backbones
+
+    monkeypatch.setitem(PRESETS, "tiny_a", replace(TINY, mp4_videos=0, num_videos=6))
+    monkeypatch.setitem(PRESETS, "tiny_b", replace(TINY, mp4_videos=0, num_videos=8,
+                                                   distractor_prob=0.3))
+    first = ensure_dataset(tmp_path, "tiny_a", progress=False)
+    banks = list(tmp_path.glob("photounits-bank-*.npz"))
+    assert len(banks) == 1 and TINY.bank_key(0) in banks[0].name
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran again for an assembly-only change")
+
+    monkeypatch.setattr(features.backbones, "build_backbone", no_backbone)
+    second = ensure_dataset(tmp_path, "tiny_b", progress=False)
+    assert second.parent != first.parent
+    assert len(FeatureStore(second, split=None).lengths) == 8
+
+
+def test_distractors_are_brief_glimpses_of_other_classes_units() -> None:
+    config = replace(TINY, distractor_prob=0.2, distractor_length=(1, 2), noise_frame_prob=0.0)
+    world = PhotoUnitsWorld(config, 0)
+    glimpses = 0
+    for v in range(config.num_videos):
+        plan = world.plan(v)
+        own = set(world.class_units[plan.label].tolist())
+        is_unit_photo = plan.photo < config.vocabulary
+        distractor = is_unit_photo & (plan.unit < 0)
+        assert not own & set(plan.photo[distractor].tolist())  # never one of the class's units
+        assert set(plan.unit[plan.unit >= 0].tolist()) <= own
+        glimpses += int(distractor.sum())
+    assert glimpses > 0
+    with pytest.raises(ValueError, match="PhotoUnitsConfig.distractor_prob"):
+        replace(TINY, distractor_prob=1.5)
