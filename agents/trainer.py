@@ -86,28 +86,6 @@ class TrainerConfig:
         return SACConfig(**values)
 
 
-class _RowResetVectorEnv(VideoLocatorsVectorEnv):
-    """``VideoLocatorsVectorEnv`` that honours ``options={"reset_mask": mask}`` (partial reset).
-
-    Tianshou's collector (through ``agents.tianshou_env``) resets only the rows it names.
-    """
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None
-              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        mask = None if not options else options.get("reset_mask")
-        if mask is None or bool(np.all(mask)) or self.core.batch_size is None or \
-                not bool(self.core.active.all()):
-            return super().reset(seed=seed, options=options)
-        if seed is not None:
-            self.sampler.seed(seed)
-        rows = torch.as_tensor(np.flatnonzero(np.asarray(mask)), device=self.core.device)
-        if len(rows):
-            self.core.reset(self._draw(len(rows)), rows=rows)
-            self._needs_reset[rows] = False
-            self._returns[rows.cpu().numpy()] = 0.0
-        return self._obs(), self._info()
-
-
 def _write_json_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -158,7 +136,7 @@ class ThreeStageTrainer:
         source = self.train_source
 
         def factory(num_envs: int, seed: int) -> VideoLocatorsVectorEnv:
-            return _RowResetVectorEnv(
+            return VideoLocatorsVectorEnv(
                 num_envs, features=source, recognizer=recognizer, split="train",
                 num_locators=c.num_locators, max_moves=c.max_moves, stride=c.stride,
                 frame_cost=c.frame_cost, device=c.device, seed=seed)

@@ -108,3 +108,20 @@ def test_same_seed_same_numbers(run_marl, full_run, tiny_dataset, tmp_path):
 def test_bad_dataset_path_is_reported(run_marl, tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         run_marl.main(["--dataset", str(tmp_path / "missing.h5"), "--out", str(tmp_path)])
+
+
+def test_default_data_is_photounits_and_synthetic_needs_a_flag(run_marl):
+    args = run_marl.parse_args([])
+    assert args.dataset is None and args.preset is None and args.photounits == "default"
+    assert run_marl.parse_args(["--preset", "tiny"]).preset == "tiny"
+    with pytest.raises(SystemExit):  # one data source at a time
+        run_marl.parse_args(["--preset", "tiny", "--photounits", "tiny"])
+
+
+def test_photounits_run_end_to_end(run_marl, tmp_path):
+    payload = run_marl.main(["--photounits", "tiny", "--data-dir", str(tmp_path / "data"),
+                             "--out", str(tmp_path / "out"), "--no-progress"])
+    assert "photounits-tiny-" in payload["dataset"]
+    assert {p["name"] for p in payload["policies"]} == POLICIES
+    assert len(list((tmp_path / "data").glob("photounits-bank-*.npz"))) == 1
+    assert payload["flops_unit"] == "MACs"
