@@ -57,6 +57,7 @@ def test_tiny_run_writes_results_files(full_run, tiny_dataset):
             if a["frames_per_video"] < b["frames_per_video"] - 1e-9:
                 assert a["gflops_per_video"] < b["gflops_per_video"], (a, b)
     assert [s["stage"] for s in saved["stages"]] == ["I", "II", "III"]
+    assert all(isinstance(s["improves"], bool) for s in saved["stages"][1:])
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert {r["name"] for r in table if r["kind"] == "policy"} == POLICIES
