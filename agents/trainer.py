@@ -118,7 +118,7 @@ class ThreeStageTrainer:
         self.out = Path(out_dir)
         self.progress = progress
         self.out.mkdir(parents=True, exist_ok=True)
-        self.train_source = CachedFrameSource(self.path, split="train", device=config.device)
+        self.train_source = source_for(self.path, "train", config.device)
         self._logger = None
 
     # ------------------------------------------------------------ helpers
@@ -293,5 +293,14 @@ class ThreeStageTrainer:
 
 
 def source_for(path: str | os.PathLike, split: str, device: str = "cpu") -> FrameSource:
-    """The frame source of one split of a feature file."""
-    return CachedFrameSource(path, split=split, device=device)
+    """The frame source of one split of a feature file, held in memory in the file's own
+    precision (float16 files stay float16: half the memory, the same values)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            half = f["features"].dtype == np.float16
+    except (OSError, KeyError):
+        half = False  # CachedFrameSource reports what is wrong with the file
+    dtype = torch.float16 if half else torch.float32
+    return CachedFrameSource(path, split=split, device=device, dtype=dtype)
