@@ -66,7 +66,12 @@ def load_actor(path: str | os.PathLike, device: torch.device) -> torch.nn.Module
 
 
 def find_run_checkpoints(run_dir: Path) -> tuple[Path, Path]:
-    """(recognizer, actor checkpoint) of the last finished Stage III round of a run_marl dir."""
+    """(recognizer, actor checkpoint) of the last finished Stage III round of a run_marl dir.
+
+    Accepts run_marl.py's ``--out`` folder (checkpoints under ``train/``) or the trainer's own.
+    """
+    if (run_dir / "train" / "stage3").is_dir():
+        run_dir = run_dir / "train"
     rounds = sorted((run_dir / "stage3").glob("round*"), key=lambda p: int(p.name[5:]))
     for part in reversed(rounds):
         rec, sac = part / "recognizer.pt", part / "sac" / "checkpoint.pt"
