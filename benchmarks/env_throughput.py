@@ -118,7 +118,8 @@ def bench_vector(source, recognizer, B: int, steps: int, seed: int, compute_rewa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=ROOT / "data" / "default.h5")
+    parser.add_argument("--dataset", type=Path, default=None,
+                        help="a vimo-features file (default: the cached synthetic default)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--steps", type=int, default=6, help="timed vector steps per B")
@@ -129,10 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "env_throughput.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not args.dataset.exists():
-        from features.synthetic import generate
+    if args.dataset is None:
+        from features.synthetic import ensure_dataset
 
-        generate("default", out=args.dataset, seed=0)
+        args.dataset = ensure_dataset(ROOT / "data", "default", seed=0)
     source = CachedFrameSource(args.dataset, split=args.split, device="cpu")
     recognizer = load_recognizer(None, source, 3, args.seed)
     cost = recognizer.flops()

@@ -13,7 +13,7 @@ not count here) when the file is missing, and cached under ``data/``.
 
 Usage::
 
-    python benchmarks/read_store.py [--file data/large.h5] [--reads 20000] [--out FILE.json]
+    python benchmarks/read_store.py [--file FILE.h5] [--reads 20000] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from features.store import FeatureStore, FeatureWriter  # noqa: E402
+from features.synthetic import dataset_path  # noqa: E402
 
 
 def proc_status_kib(field: str) -> int:
@@ -55,17 +56,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def ensure_dataset(path: Path, preset: str, seed: int) -> None:
+def ensure_dataset(path: Path | None, preset: str, seed: int) -> Path:
+    """``path``, or the cached synthetic preset (generated in a subprocess when missing)."""
+    path = path if path is not None else dataset_path(ROOT / "data", preset, seed)
     if path.exists():
-        return
+        return path
     print(f"{path} missing: generating the '{preset}' preset (resumable) ...", flush=True)
     subprocess.run([sys.executable, "-m", "features.synthetic", "--preset", preset, "--out",
                     str(path), "--seed", str(seed), "--resume"], check=True, cwd=ROOT)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--file", type=Path, default=ROOT / "data" / "large.h5")
+    parser.add_argument("--file", type=Path, default=None,
+                        help="a vimo-features file (default: the cached synthetic preset)")
     parser.add_argument("--preset", default="large",
                         help="preset to generate when --file is missing")
     parser.add_argument("--seed", type=int, default=0)
@@ -76,7 +81,7 @@ def main() -> None:
                         help="JSON file (default: results/read_store.json)")
     args = parser.parse_args()
     out = args.out or ROOT / "results" / "read_store.json"
-    ensure_dataset(args.file, args.preset, args.seed)
+    args.file = ensure_dataset(args.file, args.preset, args.seed)
     results: dict = {"file": str(args.file), "file_bytes": args.file.stat().st_size,
                      "python": platform.python_version(), "machine": platform.machine()}
 

@@ -71,7 +71,8 @@ from agents.policies import CTDEActorPolicy  # noqa: E402
 from agents.trainer import ThreeStageTrainer, TrainerConfig, source_for  # noqa: E402
 from features.photounits import PRESETS as PHOTOUNITS_PRESETS  # noqa: E402
 from features.photounits import ensure_dataset  # noqa: E402
-from features.synthetic import PRESETS, generate  # noqa: E402
+from features.synthetic import PRESETS  # noqa: E402
+from features.synthetic import ensure_dataset as ensure_synthetic  # noqa: E402
 from vimo_env.recognizer import INTEGRATION_VARIANTS, TEMPORAL_VARIANTS, Recognizer  # noqa: E402
 
 # Training budgets per preset (the dataset preset also picks them when --dataset is given).
@@ -243,11 +244,8 @@ def dataset_path(args: argparse.Namespace) -> tuple[Path, str]:
                               progress=not args.no_progress)
         budget = "tiny" if args.photounits == "tiny" else "photounits"
         return path, args.budget or budget
-    path = Path(args.data_dir) / f"synthetic-{args.preset}-{args.seed}.h5"
-    if not path.is_file():
-        partial = path.with_name(path.name + ".partial")
-        generate(args.preset, path, seed=args.seed, progress=not args.no_progress,
-                 resume=partial.is_file())
+    path = ensure_synthetic(args.data_dir, args.preset, args.data_seed,
+                            progress=not args.no_progress)
     return path, args.budget or args.preset
 
 

@@ -34,7 +34,9 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
+import json
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -311,6 +313,36 @@ def frame_units(
             raise ValueError(f"video id {vid!r} is not a synthetic video id")
         result.append(world.video(int(vid[3:]))[1])
     return result
+
+
+#: Bump whenever the generator's output for a given config and seed changes: cached files
+#: named by :func:`dataset_path` are then regenerated instead of silently reused.
+GENERATOR_VERSION = 2
+
+
+def dataset_path(data_dir: str | os.PathLike, preset: str | SyntheticConfig = "default",
+                 seed: int = 0) -> Path:
+    """Cache file name for ``preset`` and ``seed``: keyed by a hash of the config, the seed and
+    :data:`GENERATOR_VERSION`, so a changed generator or preset never reuses a stale file."""
+    config = resolve_config(preset)
+    blob = json.dumps({"config": asdict(config), "seed": int(seed),
+                       "generator": GENERATOR_VERSION}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    name = preset if isinstance(preset, str) else "custom"
+    return Path(data_dir) / f"synthetic-{name}-{key}.h5"
+
+
+def ensure_dataset(data_dir: str | os.PathLike = "data",
+                   preset: str | SyntheticConfig = "default", seed: int = 0, *,
+                   progress: bool = True) -> Path:
+    """The synthetic dataset for ``preset`` and ``seed``, generated on first use (resuming an
+    interrupted generation) and cached under ``data_dir`` (see :func:`dataset_path`)."""
+    path = dataset_path(data_dir, preset, seed)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        generate(preset, path, seed=seed, progress=progress, resume=partial.is_file())
+    return path
 
 
 def config_dict(config: SyntheticConfig) -> dict:

@@ -140,3 +140,18 @@ def test_cli(tmp_path):
     ref = generate(replace(PRESETS["tiny"], num_videos=12), tmp_path / "ref.h5", seed=5,
                    progress=False)
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_ensure_dataset_caches_under_a_config_key(tmp_path):
+    from features.synthetic import dataset_path, ensure_dataset
+
+    first = ensure_dataset(tmp_path, "tiny", seed=0, progress=False)
+    stamp = first.stat().st_mtime_ns
+    assert ensure_dataset(tmp_path, "tiny", seed=0, progress=False) == first
+    assert first.stat().st_mtime_ns == stamp  # reused, not regenerated
+    assert first == dataset_path(tmp_path, "tiny", 0)
+    # another seed, preset or config is another file: a stale cache is never reused
+    assert dataset_path(tmp_path, "tiny", 1) != first
+    assert dataset_path(tmp_path, "default", 0) != first
+    changed = replace(PRESETS["tiny"], noise=PRESETS["tiny"].noise + 0.1)
+    assert dataset_path(tmp_path, changed, 0) != dataset_path(tmp_path, PRESETS["tiny"], 0)
