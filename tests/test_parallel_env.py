@@ -142,6 +142,11 @@ def test_render_modes(h5):
     assert (frame == np.array([220, 50, 40], np.uint8)).all(-1).any()  # moving locators drawn
     with pytest.raises(ValueError, match="render_mode"):
         make(h5, render_mode="video")
+    # RLlib's PettingZoo wrapper passes the mode positionally: same picture, same text
+    assert env.render("ansi") == text
+    assert env.render("rgb_array").shape == frame.shape
+    with pytest.raises(ValueError, match="render mode"):
+        env.render("video")
 
 
 def test_recognizer_checkpoint_and_mismatch(h5, tmp_path):

@@ -183,16 +183,20 @@ class VideoLocatorsParallelEnv(ParallelEnv):
     def state(self) -> np.ndarray:
         return self.core.global_state()[0].cpu().numpy()
 
-    def render(self) -> str | np.ndarray | None:
-        if self.render_mode is None:
+    def render(self, mode: str | None = None) -> str | np.ndarray | None:
+        """The locators on the video's timeline, in ``render_mode`` (or ``mode``: RLlib's
+        PettingZoo wrapper passes one positionally)."""
+        render_mode = mode or self.render_mode
+        if render_mode is None:
             gymnasium.logger.warn("render() called without a render_mode; pass render_mode=")
             return None
+        if render_mode not in RENDER_MODES:
+            raise ValueError(f"render mode must be one of {RENDER_MODES}, got {render_mode!r}")
         title = ""
         if self.core.batch_size is not None:
             title = self.source.video_ids[int(self.core.videos[0])]
-        mode = "ansi" if self.render_mode == "human" else self.render_mode
-        out = render_row(self.core, 0, mode, title)
-        if self.render_mode == "human":
+        out = render_row(self.core, 0, "ansi" if render_mode == "human" else render_mode, title)
+        if render_mode == "human":
             print(out)
             return None
         return out
