@@ -22,6 +22,7 @@ policy for the joint action of the rows whose episode is still running. Any of t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 ObsBatch = dict[str, np.ndarray]
 
 
-class LocatorPolicy:
+class LocatorPolicy(ABC):
     """What the harness calls. Subclass it, or pass any object :func:`as_policy` accepts.
 
     ``begin(batch_size)`` is called when a batch of episodes starts; ``act(observation, alive,
@@ -44,11 +45,12 @@ class LocatorPolicy:
     name: str = "policy"
     gflops_per_decision: float = 0.0
 
-    def begin(self, batch_size: int) -> None:
+    def begin(self, batch_size: int) -> None:  # noqa: B027 - optional hook
         """Episodes start (override to reset per-episode state)."""
 
+    @abstractmethod
     def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> Any:
-        raise NotImplementedError
+        """Actions ``[K, N]`` in {0, 1, 2, 3} for the K running rows."""
 
 
 def _numpy_obs(observation: torch.Tensor, alive: torch.Tensor) -> ObsBatch:
