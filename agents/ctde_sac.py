@@ -26,7 +26,6 @@ Paper values (App. A, App. E) and our reading of them are in ``SACConfig``.
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from tianshou.utils.torch_utils import policy_within_training_step
 from torch import nn
 
 from agents.tianshou_env import TianshouVectorEnvAdapter
+from features.atomic import atomic_path, torch_save_atomic
 
 NUM_ACTIONS = 4
 
@@ -404,9 +404,7 @@ def save_checkpoint(algorithm: CTDESAC, path: str | Path, **extra: Any) -> Path:
         ),
         "extra": extra,
     }
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    torch_save_atomic(state, path)
     return path
 
 
@@ -522,9 +520,8 @@ def train_sac(
         def save_fn(epoch: int, env_step: int, gradient_step: int) -> str:
             save_checkpoint(algorithm, checkpoint, epoch=epoch, env_step=env_step,
                             gradient_step=gradient_step, config=asdict(config))
-            partial = buffer_file.with_name(buffer_file.name + ".partial")
-            collector.buffer.save_hdf5(str(partial))
-            os.replace(partial, buffer_file)
+            with atomic_path(buffer_file) as partial:
+                collector.buffer.save_hdf5(str(partial))
             return str(checkpoint)
 
     params = OffPolicyTrainerParams(

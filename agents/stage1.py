@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from agents.selection import evaluate_selection, gather_padded, select_frames
+from features.atomic import torch_save_atomic
 from features.device import resolve_device
 from features.source import CachedFrameSource
 from vimo_env.recognizer import Recognizer, RecognizerConfig
@@ -68,12 +69,6 @@ class Stage1Config:
         if unknown:
             raise ValueError(f"Stage1Config.recognizer: unknown options {sorted(unknown)}; "
                              f"expected some of {sorted(known)}")
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _json_safe(result: dict) -> dict:
@@ -177,9 +172,11 @@ def train_stage1(
             else:
                 history["_best_state"] = {k: v.clone() for k, v in model.state_dict().items()}
         if out_dir is not None:
-            _save_atomic({"config": asdict(config), "epoch": epoch, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "numpy_rng": rng.bit_generator.state,
-                          "torch_rng": torch.get_rng_state(), "history": history}, out_dir / LAST)
+            torch_save_atomic({"config": asdict(config), "epoch": epoch,
+                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "numpy_rng": rng.bit_generator.state,
+                               "torch_rng": torch.get_rng_state(), "history": history},
+                              out_dir / LAST)
         bar.set_postfix(loss=f"{record['loss']:.3f}", val_mAP=f"{record['val_mAP']:.1f}")
 
     # the best recognizer, evaluated with the training sampling and with all frames

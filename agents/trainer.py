@@ -37,6 +37,7 @@ from agents.policies import CTDEActorPolicy
 from agents.selection import gather_padded
 from agents.stage1 import BEST as STAGE1_BEST
 from agents.stage1 import Stage1Config, train_stage1
+from features.atomic import torch_save_atomic, write_text_atomic
 from features.source import CachedFrameSource, FrameSource
 from vimo_env.gym_env import VideoLocatorsVectorEnv
 from vimo_env.recognizer import Recognizer
@@ -87,15 +88,7 @@ class TrainerConfig:
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 @dataclass
@@ -251,7 +244,7 @@ class ThreeStageTrainer:
             recognizer.eval()
             self.logger.write("stage3/finetune_epoch", round_ * c.finetune_epochs + epoch,
                               {"finetune_loss": total / V})
-            _save_atomic({"epoch": epoch, "model": recognizer.state_dict(),
+            torch_save_atomic({"epoch": epoch, "model": recognizer.state_dict(),
                           "optimizer": optimizer.state_dict(),
                           "numpy_rng": rng.bit_generator.state}, last)
         return recognizer.eval()
@@ -268,9 +261,7 @@ class ThreeStageTrainer:
                 recognizer = Recognizer.load(rec_path, map_location=c.device)
             else:
                 recognizer = self.finetune(recognizer, algorithm, part, r, resume)
-                tmp = part / "recognizer.partial.pt"
-                recognizer.save(tmp)
-                os.replace(tmp, rec_path)
+                recognizer.save(rec_path)  # atomic
             sac_path = self._sac(part / "sac", recognizer, c.stage3_env_steps, resume,
                                  algorithm, seed_offset=1000 * (r + 1))
             algorithm = self.load_algorithm(recognizer, sac_path)

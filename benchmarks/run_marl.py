@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shlex
 import sys
 import time
@@ -69,6 +68,7 @@ from agents.evaluate import (  # noqa: E402
 )
 from agents.policies import CTDEActorPolicy  # noqa: E402
 from agents.trainer import ThreeStageTrainer, TrainerConfig, source_for  # noqa: E402
+from features.atomic import atomic_path, write_text_atomic  # noqa: E402
 from features.photounits import PRESETS as PHOTOUNITS_PRESETS  # noqa: E402
 from features.photounits import ensure_dataset  # noqa: E402
 from features.synthetic import PRESETS  # noqa: E402
@@ -294,11 +294,8 @@ def print_tables(command: str, result: dict, dataset: str, unit: str, wall: floa
 
 def write_outputs(out: Path, payload: dict, rows: list[EvalResult], stages: list[dict],
                   sweep: list[dict] | None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.partial"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out / "results.json")
-    with open(out / "results.csv", "w", newline="") as f:
+    write_text_atomic(out / "results.json", json.dumps(payload, indent=2))
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["kind", "name", "mAP", "top1", "frame_rate", "frames_per_video",
                     "gflops_per_video"])
@@ -342,10 +339,9 @@ def plot(path: Path, rows: list[EvalResult], stages: list[dict], unit: str) -> N
     ax.set_title("mAP vs cost, test split")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".partial.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".partial.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from features.atomic import write_text_atomic
 from features.backbones import BACKBONES, Backbone, build_backbone
 from features.decode import DecodeError, sample_frames
 from features.manifests import ManifestEntry, load_manifests
@@ -260,9 +261,7 @@ def _write_failed(out: Path, failed: list[dict[str, str]]) -> None:
     if not failed:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(failed, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(failed, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,7 +44,6 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -52,6 +51,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 from tqdm import tqdm
 
+from features.atomic import atomic_path, write_text_atomic
 from features.decode import prepare_image
 from features.store import SPLITS, FeatureWriter
 
@@ -382,13 +382,6 @@ class _Photos:
 # ---------------------------------------------------------------------------------- bank
 
 
-def _atomic_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary shared data files
-    return Path(tmp)
-
-
 def build_bank(
     config: PhotoUnitsConfig, seed: int, path: str | os.PathLike, *, device: str = "auto",
     progress: bool = True,
@@ -427,11 +420,8 @@ def build_bank(
         raise ValueError(f"{path}: backbone produced non-finite features")
     bank = {"features": feats.reshape(P, S, F, -1).astype(np.float16),
             "gmacs_per_frame": np.float64(backbone.gmacs_per_frame), "key": np.str_(key)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **bank)
-    os.replace(tmp, path)
     return bank
 
 
@@ -608,7 +598,7 @@ def build(
                 plan = world.plan(v)
                 x = world.features(bank["features"], plan)
                 writer.add(video_id(v), x.astype(config.dtype), plan.label, plan.split)
-        _write_text(stamp, key)
+        write_text_atomic(stamp, key)
     if config.mp4_videos and not manifest.exists():
         mp4_dir.mkdir(exist_ok=True)
         chosen = [v for v in range(config.num_videos) if world.plan(v).split == "test"]
@@ -618,16 +608,16 @@ def build(
             plan = world.plan(v)
             path = mp4_dir / f"{video_id(v)}.mp4"
             if not path.exists():
-                tmp = mp4_dir / f".{video_id(v)}.partial.mp4"
-                write_video(tmp, world.render_video(plan, config.mp4_fps), fps=config.mp4_fps,
-                            keyframe_interval=config.mp4_fps * config.mp4_keyframe_seconds)
-                os.replace(tmp, path)
+                with atomic_path(path, suffix=".partial.mp4") as tmp:
+                    write_video(tmp, world.render_video(plan, config.mp4_fps),
+                                fps=config.mp4_fps,
+                                keyframe_interval=config.mp4_fps * config.mp4_keyframe_seconds)
             rows.append((path.name, world.class_names[plan.label], plan.split, video_id(v)))
-        _write_text(mp4_dir / "classes.txt", "\n".join(world.class_names) + "\n")
+        write_text_atomic(mp4_dir / "classes.txt", "\n".join(world.class_names) + "\n")
         lines = [",".join(("path", "label", "split", "video_id"))]
         lines += [",".join(_csv_cell(x) for x in row) for row in rows]
-        _write_text(manifest, "\n".join(lines) + "\n")
-    _write_text(out / CARD_FILE, dataset_card(config, seed, world, bank))
+        write_text_atomic(manifest, "\n".join(lines) + "\n")
+    write_text_atomic(out / CARD_FILE, dataset_card(config, seed, world, bank))
     return features
 
 
@@ -635,12 +625,6 @@ def _csv_cell(value: str) -> str:
     if any(ch in value for ch in ',"\n'):
         return '"' + value.replace('"', '""') + '"'
     return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = _atomic_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def dataset_card(config: PhotoUnitsConfig, seed: int, world: PhotoUnitsWorld,

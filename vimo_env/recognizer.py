@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from features.atomic import torch_save_atomic
+
 TEMPORAL_VARIANTS = ("lstm", "meanpool", "maxpool", "sumpool")
 INTEGRATION_VARIANTS = ("transformer", "meanpool", "maxpool", "forward")
 CHECKPOINT_FORMAT = "vimo-recognizer"
@@ -267,19 +269,15 @@ class Recognizer(nn.Module):
     # ---------------------------------------------------------------- checkpoints
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint (state dict + JSON config) atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
+        torch_save_atomic(
             {
                 "format": CHECKPOINT_FORMAT,
                 "version": CHECKPOINT_VERSION,
                 "config": json.dumps(asdict(self.config)),
                 "state_dict": self.state_dict(),
             },
-            tmp,
+            path,
         )
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Recognizer:
