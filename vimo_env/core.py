@@ -30,6 +30,8 @@ counts FLOPs = 2 x MACs and is converted).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -324,7 +326,7 @@ class LocatorCore:
         sel: torch.Tensor | slice = slice(None) if rows is None else rows
         self.source.begin_episodes(videos)
         N = self.num_locators
-        with torch.no_grad():
+        with self._inference() as rec:
             T = self._lengths_all[videos]
             labels = self._labels_all[videos]
             start = torch.div(self._locator_index.unsqueeze(0) * T.unsqueeze(1), N,
@@ -343,25 +345,14 @@ class LocatorCore:
             self.trajectories[sel] = traj
             feats = self.source.gather(videos.repeat_interleave(N), start.reshape(-1))
             feats = self._check_features(feats, k * N).reshape(k, N, -1)
-            rec = self.recognizer
-            was_training = rec.training
-            rec.eval()
-            try:
-                state = rec.observe(rec.initial_state(k, self.device), feats)
-                self.state[sel] = state
-                if self.compute_rewards:
-                    self.p_gt[sel] = self._gt_prob(rec.probs(state), labels)
-                else:
-                    self.p_gt[sel] = float("nan")
-                self._observe_into(sel)
-            finally:
-                rec.train(was_training)
-        return CoreObs(
-            rows=torch.arange(k, device=self.device) if rows is None else rows,
-            observation=self.observation[sel], alive=self.alive[sel],
-            positions=self.positions[sel], frames_observed=self.frames_observed[sel],
-            p_gt=self.p_gt[sel],
-        )
+            state = rec.observe(rec.initial_state(k, self.device), feats)
+            self.state[sel] = state
+            if self.compute_rewards:
+                self.p_gt[sel] = self._gt_prob(rec.probs(state), labels)
+            else:
+                self.p_gt[sel] = float("nan")
+            self._observe_into(sel)
+        return self._view(CoreObs, rows, sel)
 
     def _check_features(self, feats: torch.Tensor, count: int) -> torch.Tensor:
         D = self.source.feature_dim
@@ -373,7 +364,9 @@ class LocatorCore:
         return feats.to(self.state.dtype)
 
     # ---------------------------------------------------------------- step
-    def _check_actions(self, actions: torch.Tensor, k: int) -> torch.Tensor:
+    def check_actions(self, actions: torch.Tensor, k: int) -> torch.Tensor:
+        """``actions`` as int64 ``[k, N]`` on the device; any value outside {0,1,2,3} (out of
+        range, fractional, NaN, bool, wrong shape) raises: nothing is ever clipped."""
         actions = torch.as_tensor(actions, device=self.device)
         N = self.num_locators
         if tuple(actions.shape) != (k, N):
@@ -405,14 +398,14 @@ class LocatorCore:
         rows = self._rows(rows, "step")
         sel: torch.Tensor | slice = slice(None) if rows is None else rows
         k = self.batch_size if rows is None else len(rows)
-        actions = self._check_actions(actions, k)
+        actions = self.check_actions(actions, k)
         ended = self.done[sel] | ~self.active[sel]
         if ended.any():
             bad = (torch.arange(k, device=self.device) if rows is None else rows)[ended]
             raise RuntimeError(f"step: rows {bad[:10].tolist()} have no running episode "
                                "(ended or never reset); reset them first")
         N, m = self.num_locators, self.max_moves
-        with torch.no_grad():
+        with self._inference() as rec:
             alive = self.alive[sel]
             pos = self.positions[sel]
             last = (self.lengths[sel] - 1).unsqueeze(1)
@@ -426,54 +419,58 @@ class LocatorCore:
             visited = self._check_features(visited, len(idx[0]))
             frames = torch.zeros(k, N, visited.shape[-1], dtype=visited.dtype, device=self.device)
             frames[idx] = visited
-            rec = self.recognizer
-            was_training = rec.training
-            rec.eval()
-            try:
-                state = rec.observe(self.state[sel], frames, moved)
-                new_frames = moved.sum(1)
-                labels = self.labels[sel]
-                done = ~still.any(1)
-                probs = None
-                if self.compute_rewards:
-                    probs = rec.probs(state)
-                    p = self._gt_prob(probs, labels)
-                    reward = p - self.p_gt[sel] - self.frame_cost * new_frames
-                    self.p_gt[sel] = p
-                else:
-                    reward = -self.frame_cost * new_frames.to(state.dtype)
-                # trajectories: the new frame goes to slot n - 1 of each moving locator
-                traj = self.trajectories[sel]
-                slot = (n - 1).clamp(max=m).unsqueeze(-1)
-                traj = traj.scatter(2, slot, torch.where(moved, new_pos,
-                                                         traj.gather(2, slot).squeeze(-1)
-                                                         ).unsqueeze(-1))
-                if rows is None:
-                    self.state.copy_(state)
-                    self.positions.copy_(new_pos)
-                    self.frames_observed.copy_(n)
-                    self.alive.copy_(still)
-                    self.done.copy_(done)
-                    self.steps.add_(1)
-                    self.trajectories.copy_(traj)
-                else:
-                    self.state[rows] = state
-                    self.positions[rows] = new_pos
-                    self.frames_observed[rows] = n
-                    self.alive[rows] = still
-                    self.done[rows] = done
-                    self.steps[rows] += 1
-                    self.trajectories[rows] = traj
-                self._observe_into(sel)
-                finished = self._finish(rows, done, state, probs) if done.any() else None
-            finally:
-                rec.train(was_training)
-        return CoreStep(
-            rows=torch.arange(k, device=self.device) if rows is None else rows,
+            state = rec.observe(self.state[sel], frames, moved)
+            new_frames = moved.sum(1)
+            labels = self.labels[sel]
+            done = ~still.any(1)
+            probs = None
+            if self.compute_rewards:
+                probs = rec.probs(state)
+                p = self._gt_prob(probs, labels)
+                reward = p - self.p_gt[sel] - self.frame_cost * new_frames
+                self.p_gt[sel] = p
+            else:
+                reward = -self.frame_cost * new_frames.to(state.dtype)
+            # trajectories: the new frame goes to slot n - 1 of each moving locator
+            traj = self.trajectories[sel]
+            slot = (n - 1).clamp(max=m).unsqueeze(-1)
+            traj = traj.scatter(2, slot, torch.where(moved, new_pos,
+                                                     traj.gather(2, slot).squeeze(-1)
+                                                     ).unsqueeze(-1))
+            # indexed assignment writes in place for a slice (all rows) and for row indices
+            self.state[sel] = state
+            self.positions[sel] = new_pos
+            self.frames_observed[sel] = n
+            self.alive[sel] = still
+            self.done[sel] = done
+            self.steps[sel] += 1
+            self.trajectories[sel] = traj
+            self._observe_into(sel)
+            finished = self._finish(rows, done, state, probs) if done.any() else None
+        return self._view(CoreStep, rows, sel, reward=reward, new_frames=new_frames,
+                          moved=moved, done=done, finished=finished)
+
+    @contextmanager
+    def _inference(self) -> Iterator[Recognizer]:
+        """No gradients, recognizer in eval mode; its mode is restored afterwards because a
+        trainer (Stage III) may share the recognizer object with the env."""
+        rec = self.recognizer
+        was_training = rec.training
+        rec.eval()
+        try:
+            with torch.no_grad():
+                yield rec
+        finally:
+            rec.train(was_training)
+
+    def _view(self, kind: type[CoreObs], rows: torch.Tensor | None, sel: torch.Tensor | slice,
+              **extra: object) -> CoreObs:
+        """The result of a reset/step: the touched rows' tensors plus ``extra`` fields."""
+        return kind(
+            rows=torch.arange(self.batch_size, device=self.device) if rows is None else rows,
             observation=self.observation[sel], alive=self.alive[sel],
             positions=self.positions[sel], frames_observed=self.frames_observed[sel],
-            p_gt=self.p_gt[sel], reward=reward, new_frames=new_frames, moved=moved,
-            done=done, finished=finished,
+            p_gt=self.p_gt[sel], **extra,
         )
 
     def _finish(self, rows: torch.Tensor | None, done: torch.Tensor, state: torch.Tensor,

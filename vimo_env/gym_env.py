@@ -243,7 +243,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         if tuple(actions.shape) != (B, N):
             raise ValueError(f"actions must have shape ({B}, {N}), got {tuple(actions.shape)}")
         # every row's action is validated, restarting rows' too (then ignored)
-        actions = core._check_actions(actions, B)
+        actions = core.check_actions(actions, B)
         rewards = np.zeros(B)
         terminated = np.zeros(B, dtype=bool)
         restart = self._needs_reset.nonzero(as_tuple=True)[0]
