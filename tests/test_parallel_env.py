@@ -145,7 +145,7 @@ def test_render_modes(h5):
     # RLlib's PettingZoo wrapper passes the mode positionally: same picture, same text
     assert env.render("ansi") == text
     assert env.render("rgb_array").shape == frame.shape
-    with pytest.raises(ValueError, match="render mode"):
+    with pytest.raises(ValueError, match="render_mode must be one of"):
         env.render("video")
 
 

@@ -34,8 +34,8 @@ from vimo_env.core import (
     VideoSampler,
     build_core,
 )
-from vimo_env.parallel_env import RENDER_MODES, action_from, observation_space_for
-from vimo_env.render import render_row
+from vimo_env.parallel_env import action_from, observation_space_for
+from vimo_env.render import RENDER_MODES, check_render_mode, render_row
 
 ENV_ID = "VideoLocators-v0"
 
@@ -73,9 +73,7 @@ class VideoLocatorsEnv(gymnasium.Env):
         sampler: str = "random",
         compute_rewards: bool = True,
     ) -> None:
-        if render_mode is not None and render_mode not in RENDER_MODES:
-            raise ValueError(f"render_mode must be one of {RENDER_MODES} or None, "
-                             f"got {render_mode!r}")
+        check_render_mode(render_mode)
         self.render_mode = render_mode
         self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
                                max_moves=max_moves, stride=stride, frame_cost=frame_cost,
@@ -175,9 +173,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         sampler: str = "random",
         compute_rewards: bool = True,
     ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be 'ansi', 'rgb_array' or None, "
-                             f"got {render_mode!r}")
+        check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
         self.num_envs = int(num_envs)
         self.core = build_core(features, recognizer, split=split, num_locators=num_locators,

@@ -22,9 +22,7 @@ from vimo_env.core import (
     VideoSampler,
     build_core,
 )
-from vimo_env.render import render_row
-
-RENDER_MODES = ("ansi", "rgb_array", "human")
+from vimo_env.render import RENDER_MODES, check_render_mode, render_row
 
 
 def observation_space_for(core: LocatorCore) -> spaces.Box:
@@ -84,9 +82,7 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         sampler: str = "random",
         compute_rewards: bool = True,
     ) -> None:
-        if render_mode is not None and render_mode not in RENDER_MODES:
-            raise ValueError(f"render_mode must be one of {RENDER_MODES} or None, "
-                             f"got {render_mode!r}")
+        check_render_mode(render_mode)
         self.render_mode = render_mode
         self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
                                max_moves=max_moves, stride=stride, frame_cost=frame_cost,
@@ -190,8 +186,7 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         if render_mode is None:
             gymnasium.logger.warn("render() called without a render_mode; pass render_mode=")
             return None
-        if render_mode not in RENDER_MODES:
-            raise ValueError(f"render mode must be one of {RENDER_MODES}, got {render_mode!r}")
+        check_render_mode(render_mode)
         title = ""
         if self.core.batch_size is not None:
             title = self.source.video_ids[int(self.core.videos[0])]

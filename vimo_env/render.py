@@ -10,6 +10,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+#: Render modes of the single-episode envs; the vector env offers all but "human".
+RENDER_MODES = ("ansi", "rgb_array", "human")
+
+
+def check_render_mode(render_mode: str | None, modes: Sequence[str] = RENDER_MODES) -> None:
+    """Reject a render mode the env does not offer (None = no rendering)."""
+    if render_mode is not None and render_mode not in modes:
+        raise ValueError(f"render_mode must be one of {tuple(modes)} or None, "
+                         f"got {render_mode!r}")
+
+
 _BACKGROUND = (235, 235, 235)
 _TRACK = (200, 200, 200)
 _VISITED = (60, 110, 220)
