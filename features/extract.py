@@ -68,13 +68,6 @@ class ExtractionSummary:
     def frames_per_s(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
-    def as_dict(self) -> dict:
-        return {"out": self.out, "videos_total": self.videos_total,
-                "videos_written": self.videos_written, "videos_skipped": self.videos_skipped,
-                "videos_failed": len(self.failed), "frames": self.frames,
-                "seconds": self.seconds, "videos_per_s": self.videos_per_s,
-                "frames_per_s": self.frames_per_s,
-                "steady_frames_per_s": self.steady_frames_per_s, "failed": self.failed}
 
 
 class DecodeDataset(Dataset):

@@ -345,11 +345,6 @@ def ensure_dataset(data_dir: str | os.PathLike = "data",
     return path
 
 
-def config_dict(config: SyntheticConfig) -> dict:
-    """JSON-able view of a config (for results files)."""
-    return asdict(config)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m features.synthetic",
