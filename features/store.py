@@ -502,9 +502,10 @@ class FeatureStore:
         row_bytes = self.feature_dim * self.storage_dtype.itemsize
         block_rows = max(1, _BLOCK_BYTES // row_bytes)
         features = self._index.features
+        small = self.num_frames * row_bytes < 4 * _BLOCK_BYTES
+        # disable=None: tqdm shows the bar only on a terminal (logs stay clean)
         with tqdm(total=self.num_frames, desc=desc, unit="row", unit_scale=True,
-                  disable=not self._progress or self.num_frames * row_bytes < 4 * _BLOCK_BYTES
-                  ) as bar:
+                  disable=True if (not self._progress or small) else None) as bar:
             for begin in range(runs[0][0], runs[-1][1], block_rows):
                 end = begin + block_rows
                 first = int(np.searchsorted(run_stops, begin, side="right"))

@@ -181,3 +181,33 @@ def test_distractors_are_brief_glimpses_of_other_classes_units() -> None:
     assert glimpses > 0
     with pytest.raises(ValueError, match="PhotoUnitsConfig.distractor_prob"):
         replace(TINY, distractor_prob=1.5)
+
+
+def test_leadins_count_down_to_every_unit_instance() -> None:
+    config = replace(TINY, textures=("brick", "grass", "page", "text"), gap_length=(4, 7),
+                     leadin_textures=("page", "text"), leadin_length=(2, 2),
+                     noise_frame_prob=0.0)
+    world = PhotoUnitsWorld(config, 0)
+    V = config.vocabulary
+    far, near = V + config.textures.index("page"), V + config.textures.index("text")
+    instances = 0
+    for v in range(config.num_videos):
+        plan = world.plan(v)
+        is_unit = plan.unit >= 0
+        starts = np.flatnonzero(is_unit & ~np.r_[False, is_unit[:-1]])
+        leadin = np.isin(plan.photo, [far, near])
+        expected = np.zeros_like(leadin)
+        for t in starts.tolist():
+            # far, far, near, near, unit (cut off at the video's start)
+            for offset, photo in ((-4, far), (-3, far), (-2, near), (-1, near)):
+                if t + offset >= 0:
+                    assert plan.photo[t + offset] == photo, (v, t, offset)
+                    expected[t + offset] = True
+            instances += 1
+        np.testing.assert_array_equal(leadin, expected)  # lead-in photos appear nowhere else
+    assert instances > config.num_videos
+
+    with pytest.raises(ValueError, match="PhotoUnitsConfig.leadin_textures"):
+        replace(config, leadin_textures=("moon",))
+    with pytest.raises(ValueError, match="PhotoUnitsConfig.leadin_length"):
+        replace(config, leadin_length=(3, 3))  # 2 phases x 3 frames > shortest gap of 4

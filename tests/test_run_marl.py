@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_POLICY_KEYS = {"name", "mAP", "top1", "frame_rate", "frames_per_video", "gflops_per_video"}
@@ -69,6 +70,31 @@ def test_tiny_run_writes_results_files(full_run, tiny_dataset):
                  "stage3/round0/recognizer.pt", "stage3/round0/sac/checkpoint.pt"):
         assert (train / part).is_file(), part
     assert any((train / "stage2" / "tb").iterdir()) and any((train / "tb").iterdir())
+
+
+def test_stage3_keeps_the_recognizer_that_scores_best_on_val(full_run, tiny_dataset):
+    """Fine-tuning may overfit the training videos: each round returns, of the recognizer it
+    was given and its epochs', the one with the best val mAP under the current policy."""
+    from agents.evaluate import evaluate_policy
+    from agents.policies import CTDEActorPolicy
+    from agents.trainer import ThreeStageTrainer, TrainerConfig, source_for
+    from vimo_env.recognizer import Recognizer
+
+    out, _ = full_run
+    saved = json.loads((out / "train" / "trainer_config.json").read_text())
+    config = TrainerConfig(**saved["config"])
+    trainer = ThreeStageTrainer(tiny_dataset, config, out / "train", progress=False)
+    val = source_for(tiny_dataset, "val")
+    before = Recognizer.load(out / "train" / "stage1" / "stage1_best.pt").eval()
+    actor = trainer.load_algorithm(before, out / "train" / "stage2" / "checkpoint.pt")
+    chosen = Recognizer.load(out / "train" / "stage3" / "round0" / "recognizer.pt").eval()
+    kw = dict(max_moves=config.max_moves, stride=config.stride, keep_trajectories=False)
+    given = evaluate_policy(CTDEActorPolicy(actor), val, before, **kw).mAP
+    kept = evaluate_policy(CTDEActorPolicy(actor), val, chosen, **kw).mAP
+    assert kept >= given
+    ckpt = torch.load(out / "train" / "stage3" / "round0" / "finetune_last.pt",
+                      weights_only=False)
+    assert ckpt["best_val_mAP"] == pytest.approx(kept)
 
 
 def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run, tiny_dataset,
