@@ -150,7 +150,10 @@ def measure(runner: Runner, policy: str, rows_list: list[np.ndarray], repeats: i
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--data-dir", default="data",
+                        help="where PhotoUnits builds are cached (the folder run_marl's "
+                             "--data-dir names, not a build folder inside it); or give "
+                             "--manifest")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--manifest", default=None, help="MP4 manifest (default: PhotoUnits')")
     parser.add_argument("--run-dir", default=None, help="run_marl.py output with Stage III")
