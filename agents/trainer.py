@@ -112,6 +112,7 @@ class ThreeStageTrainer:
         self.progress = progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.train_source = source_for(self.path, "train", config.device)
+        self._val_source: FrameSource | None = None  # read on first use (Stage III)
         self._logger = None
 
     # ------------------------------------------------------------ helpers
@@ -215,10 +216,11 @@ class ThreeStageTrainer:
         last, best_path = part / "finetune_last.pt", part / "finetune_best.pt"
         device = torch.device(c.device)
         recognizer = recognizer.to(device)
-        val = source_for(self.path, "val", c.device)
+        if self._val_source is None:  # once per trainer, not once per round
+            self._val_source = source_for(self.path, "val", c.device)
 
         def val_map() -> float:
-            return evaluate_policy(CTDEActorPolicy(algorithm), val, recognizer,
+            return evaluate_policy(CTDEActorPolicy(algorithm), self._val_source, recognizer,
                                    max_moves=c.max_moves, stride=c.stride,
                                    batch_size=c.rollout_batch_size, device=c.device,
                                    keep_trajectories=False).mAP
