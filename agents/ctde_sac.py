@@ -442,11 +442,14 @@ def seed_everything(seed: int) -> None:
 class TrainResult:
     """What ``train_sac`` returns."""
 
-    algorithm: CTDESAC
+    algorithm: CTDESAC  # the last learner, or the best-scoring one when score_fn was given
     env_steps: int
-    gradient_steps: int
-    checkpoint: Path | None
+    update_steps: int  # Tianshou's update steps: one per collection of collect_env_steps
+    gradient_steps: int  # minibatch updates: update_steps * round(ratio * collect_env_steps)
+    checkpoint: Path | None  # the last state
     info: Any  # Tianshou's InfoStats
+    best_checkpoint: Path | None = None  # with score_fn: the best-scoring learner (returned)
+    best_score: float | None = None
 
 
 EnvFactory = Callable[[int, int], VectorEnv]
@@ -472,6 +475,7 @@ def train_sac(
     resume: bool = False,
     algorithm: CTDESAC | None = None,
     show_progress: bool = False,
+    score_fn: Callable[[CTDESAC], float] | None = None,
 ) -> TrainResult:
     """Train CTDE SAC for ``env_steps`` transitions with Tianshou's off-policy trainer.
 
@@ -479,6 +483,12 @@ def train_sac(
     and at the end) and ``buffer.h5`` (the replay buffer). ``resume=True`` reloads both and lets
     the trainer continue from the logged epoch/step counters. ``algorithm`` continues training
     an existing learner (e.g. Stage III); otherwise one is built for the env's shapes.
+
+    ``score_fn`` (needs ``out_dir``): a held-out score of a learner, higher is better (the
+    trainer passes the val mAP of its deterministic policy). It scores the learner before
+    training and after every epoch, and keeps the best one in ``best.pt``
+    (``TrainResult.best_checkpoint`` / ``best_score``): the policy drifts from epoch to epoch
+    and the last one is not always the best. ``checkpoint.pt`` stays the last state (resume).
     """
     from tianshou.trainer import OffPolicyTrainerParams
     from tianshou.utils import TensorboardLogger
@@ -495,16 +505,22 @@ def train_sac(
     collector = make_collector(algorithm, env, config.buffer_size)
 
     out = Path(out_dir) if out_dir is not None else None
+    if score_fn is not None and out is None:
+        raise ValueError("train_sac: score_fn needs out_dir (the best learner is saved there)")
     checkpoint = out / "checkpoint.pt" if out else None
+    best_file = out / "best.pt" if out else None
     buffer_file = out / "buffer.h5" if out else None
+    best_score, scored_at = -math.inf, -1
     resumed = bool(resume and checkpoint is not None and checkpoint.is_file())
     if resume and not resumed:
         raise FileNotFoundError(f"{checkpoint}: nothing to resume from")
-    start_env_step = start_gradient_step = 0
+    start_env_step = start_update_step = 0
     if resumed:
         extra = load_checkpoint(algorithm, checkpoint)
         start_env_step = int(extra.get("env_step", 0))
-        start_gradient_step = int(extra.get("gradient_step", 0))
+        start_update_step = int(extra.get("gradient_step", 0))  # Tianshou's update step
+        best_score = float(extra.get("best_score", -math.inf))
+        scored_at = start_env_step
         if buffer_file is not None and buffer_file.is_file():
             collector.buffer = VectorReplayBuffer.load_hdf5(str(buffer_file))
     collector.reset(reset_buffer=not resumed)
@@ -517,9 +533,24 @@ def train_sac(
         out.mkdir(parents=True, exist_ok=True)
         logger = TensorboardLogger(SummaryWriter(str(out / "tb")), save_interval=1)
 
+        def keep_if_best(env_step: int) -> None:
+            nonlocal best_score, scored_at
+            if score_fn is None or env_step == scored_at:
+                return
+            score, scored_at = float(score_fn(algorithm)), env_step
+            logger.write("val/env_step", env_step, {"score": score})  # -> val/score
+            if score > best_score:
+                best_score = score
+                save_checkpoint(algorithm, best_file, env_step=env_step, score=score)
+
+        if not resumed:
+            keep_if_best(0)  # the learner as given (Stage III: the previous round's)
+
         def save_fn(epoch: int, env_step: int, gradient_step: int) -> str:
+            keep_if_best(env_step)  # before the checkpoint that records best_score
             save_checkpoint(algorithm, checkpoint, epoch=epoch, env_step=env_step,
-                            gradient_step=gradient_step, config=asdict(config))
+                            gradient_step=gradient_step, config=asdict(config),
+                            best_score=best_score)
             with atomic_path(buffer_file) as partial:
                 collector.buffer.save_hdf5(str(partial))
             return str(checkpoint)
@@ -540,15 +571,23 @@ def train_sac(
     )
     info = algorithm.run_training(params)
     # train_step counts this run's collector only; update_step continues the logged counter
+    # (Tianshou passes it to save_fn as "gradient_step", but each update step runs
+    # round(updates_per_env_step * collect_env_steps) gradient steps)
     total_env_steps = start_env_step + int(info.train_step)
-    total_gradient_steps = max(int(info.update_step), start_gradient_step)
+    total_update_steps = max(int(info.update_step), start_update_step)
     if save_fn is not None:
-        save_fn(-1, total_env_steps, total_gradient_steps)
+        save_fn(-1, total_env_steps, total_update_steps)
+    if score_fn is not None:
+        load_checkpoint(algorithm, best_file)
     return TrainResult(
         algorithm=algorithm,
         env_steps=total_env_steps,
-        gradient_steps=total_gradient_steps,
+        update_steps=total_update_steps,
+        gradient_steps=total_update_steps
+        * round(config.updates_per_env_step * config.collect_env_steps),
         checkpoint=checkpoint,
+        best_checkpoint=best_file if score_fn is not None else None,
+        best_score=best_score if score_fn is not None else None,
         info=info,
     )
 

@@ -10,9 +10,15 @@
   ``Recognizer.forward``; cross-entropy), then (b) SAC on the frozen updated recognizer with
   fresh replay data (the observations ``h_i`` shifted with the recognizer).
 
+Model selection (val split, never test): each SAC part keeps the policy with the best val mAP
+among the one it started from and each epoch's (``<part>/best.pt``, ``select_on_val``); each
+fine-tuning keeps the val-best recognizer among the one it was given and each epoch's.
+
 Checkpoints: Stage I writes ``stage1/stage1_last.pt`` every epoch; SAC writes
-``<stage>/checkpoint.pt`` and ``buffer.h5`` every epoch; fine-tuning writes
-``stage3/round<r>/finetune_last.pt`` every epoch; each finished part leaves a ``done.json``.
+``<stage>/checkpoint.pt`` and ``buffer.h5`` every epoch (the buffers, 0.6 GB each on PhotoUnits,
+are deleted when all three stages are done: only a resume inside a part reads them); fine-tuning
+writes ``stage3/round<r>/finetune_last.pt`` every epoch; each finished part leaves a
+``done.json``.
 ``resume=True`` skips finished parts and continues the unfinished one from its checkpoint.
 TensorBoard: Tianshou's ``TensorboardLogger`` under ``<part>/tb`` (SAC) and ``tb/`` (recognizer
 losses); tqdm progress bars throughout.
@@ -72,6 +78,8 @@ class TrainerConfig:
     finetune_batch_size: int = 64
     stage3_env_steps: int = 6_000  # SAC env steps per round
     rollout_batch_size: int = 1024
+    # keep, in each SAC part, the policy with the best val mAP (scored every SAC epoch)
+    select_on_val: bool = True
 
     def sac_config(self, seed_offset: int = 0) -> SACConfig:
         values: dict[str, Any] = dict(
@@ -112,7 +120,7 @@ class ThreeStageTrainer:
         self.progress = progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.train_source = source_for(self.path, "train", config.device)
-        self._val_source: FrameSource | None = None  # read on first use (Stage III)
+        self._val_source: FrameSource | None = None  # read on first use
         self._logger = None
 
     # ------------------------------------------------------------ helpers
@@ -148,18 +156,41 @@ class ThreeStageTrainer:
         load_checkpoint(algorithm, checkpoint)
         return algorithm
 
+    @property
+    def val_source(self) -> FrameSource:
+        """The val split, read once per trainer on first use."""
+        if self._val_source is None:
+            self._val_source = source_for(self.path, "val", self.config.device)
+        return self._val_source
+
+    def val_map(self, algorithm: CTDESAC, recognizer: Recognizer) -> float:
+        """mAP of the deterministic policy on the val split (model selection)."""
+        c = self.config
+        return evaluate_policy(CTDEActorPolicy(algorithm), self.val_source, recognizer,
+                               max_moves=c.max_moves, stride=c.stride,
+                               batch_size=c.rollout_batch_size, device=c.device,
+                               keep_trajectories=False).mAP
+
     def _sac(self, part: Path, recognizer: Recognizer, env_steps: int, resume: bool,
              algorithm: CTDESAC | None, seed_offset: int) -> Path:
+        """SAC on the frozen ``recognizer``; returns the checkpoint that is this part's result
+        (``best.pt``, the val-best policy, with ``select_on_val``; else the last state)."""
         done = part / "done.json"
+        result_file = part / ("best.pt" if self.config.select_on_val else "checkpoint.pt")
         if resume and done.is_file():
-            return part / "checkpoint.pt"
+            return result_file
+        score_fn = None
+        if self.config.select_on_val:
+            def score_fn(learner: CTDESAC) -> float:
+                return self.val_map(learner, recognizer)
         result = train_sac(self._env_factory(recognizer), self.config.sac_config(seed_offset),
                            env_steps=env_steps, out_dir=part,
                            resume=resume and (part / "checkpoint.pt").is_file(),
-                           algorithm=algorithm, show_progress=self.progress)
-        _write_json_atomic({"env_steps": result.env_steps,
-                            "gradient_steps": result.gradient_steps}, done)
-        return part / "checkpoint.pt"
+                           algorithm=algorithm, show_progress=self.progress, score_fn=score_fn)
+        _write_json_atomic({"env_steps": result.env_steps, "update_steps": result.update_steps,
+                            "gradient_steps": result.gradient_steps,
+                            "best_val_mAP": result.best_score}, done)
+        return result_file
 
     # ------------------------------------------------------------ stages
     def stage1(self, resume: bool) -> StageArtifacts:
@@ -216,14 +247,9 @@ class ThreeStageTrainer:
         last, best_path = part / "finetune_last.pt", part / "finetune_best.pt"
         device = torch.device(c.device)
         recognizer = recognizer.to(device)
-        if self._val_source is None:  # once per trainer, not once per round
-            self._val_source = source_for(self.path, "val", c.device)
 
         def val_map() -> float:
-            return evaluate_policy(CTDEActorPolicy(algorithm), self._val_source, recognizer,
-                                   max_moves=c.max_moves, stride=c.stride,
-                                   batch_size=c.rollout_batch_size, device=c.device,
-                                   keep_trajectories=False).mAP
+            return self.val_map(algorithm, recognizer)
 
         optimizer = torch.optim.Adam(recognizer.parameters(), lr=c.finetune_lr)
         rng = np.random.default_rng(c.seed + 7919 * (round_ + 1))
@@ -301,6 +327,8 @@ class ThreeStageTrainer:
         if stop_after == "II":
             return stages
         stages.append(self.stage3(stages[1], resume))
+        for buffer in self.out.rglob("buffer.h5"):  # nothing is left to resume
+            buffer.unlink()
         return stages
 
 
@@ -316,3 +344,23 @@ def source_for(path: str | os.PathLike, split: str, device: str = "cpu") -> Fram
         half = False  # CachedFrameSource reports what is wrong with the file
     dtype = torch.float16 if half else torch.float32
     return CachedFrameSource(path, split=split, device=device, dtype=dtype)
+
+
+def final_checkpoints(run_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """(recognizer, SAC checkpoint) of the last finished Stage III round of a run.
+
+    Accepts run_marl.py's ``--out`` folder (checkpoints under ``train/``) or the trainer's own.
+    The SAC checkpoint is the round's result: ``best.pt`` (the val-best policy) when the run
+    selected on val, else the last state ``checkpoint.pt``.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "train" / "stage3").is_dir():
+        run_dir = run_dir / "train"
+    rounds = sorted((run_dir / "stage3").glob("round*"), key=lambda p: int(p.name[5:]))
+    for part in reversed(rounds):
+        rec = part / "recognizer.pt"
+        for sac in (part / "sac" / "best.pt", part / "sac" / "checkpoint.pt"):
+            if rec.is_file() and sac.is_file():
+                return rec, sac
+    raise FileNotFoundError(f"{run_dir}: no stage3/round*/recognizer.pt with a sac/best.pt or "
+                            "sac/checkpoint.pt")

@@ -10,7 +10,8 @@ policy looks at them; caches are dropped before every measured pass, so nothing 
 between passes. Policies:
 
 * ``adaptive`` - the learned CTDE-SAC locators in the batched env core (``--actor``, or the
-  latest ``stage3/round*/sac/checkpoint.pt`` of a ``run_marl.py`` output ``--run-dir``).
+  latest Stage III round of a ``run_marl.py`` output ``--run-dir``: ``sac/best.pt``, or
+  ``sac/checkpoint.pt`` in runs made without val selection).
   Without a checkpoint it falls back to ``heuristic``: a fixed *move-until-confident* rule
   (every alive locator moves one stride until the recognizer's top class probability reaches
   ``--confidence``), labelled as such in the table.
@@ -38,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.selection import select_frames  # noqa: E402
+from agents.trainer import final_checkpoints  # noqa: E402
 from features.live import LiveFrameSource  # noqa: E402
 from features.manifests import load_manifest  # noqa: E402
 from vimo_env.core import LocatorCore  # noqa: E402
@@ -63,21 +65,6 @@ def load_actor(path: str | os.PathLike, device: torch.device) -> torch.nn.Module
     actor = LocatorActors(obs_dim, num_locators, hidden, shared=False)
     actor.load_state_dict(weights)
     return actor.to(device).eval()
-
-
-def find_run_checkpoints(run_dir: Path) -> tuple[Path, Path]:
-    """(recognizer, actor checkpoint) of the last finished Stage III round of a run_marl dir.
-
-    Accepts run_marl.py's ``--out`` folder (checkpoints under ``train/``) or the trainer's own.
-    """
-    if (run_dir / "train" / "stage3").is_dir():
-        run_dir = run_dir / "train"
-    rounds = sorted((run_dir / "stage3").glob("round*"), key=lambda p: int(p.name[5:]))
-    for part in reversed(rounds):
-        rec, sac = part / "recognizer.pt", part / "sac" / "checkpoint.pt"
-        if rec.is_file() and sac.is_file():
-            return rec, sac
-    raise FileNotFoundError(f"{run_dir}: no stage3/round*/recognizer.pt with sac/checkpoint.pt")
 
 
 class Runner:
@@ -179,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                             / MANIFEST_FILE)
     entries, class_names = load_manifest(args.manifest)
     if args.run_dir:
-        args.recognizer, args.actor = map(str, find_run_checkpoints(Path(args.run_dir)))
+        args.recognizer, args.actor = map(str, final_checkpoints(Path(args.run_dir)))
     # batch rows: the MP4 files, repeated to fill the batch (each row its own cache)
     rows = [entries[i % len(entries)] for i in range(max(args.batch, len(entries)))]
     source = LiveFrameSource(rows, split=None, class_names=class_names, device=args.device)

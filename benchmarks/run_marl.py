@@ -51,19 +51,22 @@ value under ``DIR/sweep-<name>-<value>`` and add a sweep table (``sweep`` in res
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.baselines import InitialPolicy, search_open_loop  # noqa: E402
+from agents.ctde_sac import SACConfig  # noqa: E402
 from agents.evaluate import (  # noqa: E402
     SELECTION_BASELINES,
     EvalResult,
@@ -131,6 +134,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="K: recognizer epochs per Stage III round before switching to SAC")
     p.add_argument("--stage3-steps", type=int, default=None, help="SAC env steps per round")
+    p.add_argument("--sac", action="append", default=[], metavar="KEY=VALUE",
+                   type=_sac_override,
+                   help="override one SACConfig field (repeatable), e.g. --sac n_step=3 "
+                        "--sac actor_hidden=512,512,512,512 --sac actor_lr=1e-5")
     p.add_argument("--sweep", choices=["lambda", "locators"], default=None)
     p.add_argument("--sweep-values", default=None,
                    help="comma-separated values (default lambda 0.005,0.02,0.05,0.1; N 1,2,3,4)")
@@ -144,9 +151,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _sac_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (field, value) for a SACConfig field; the value is a Python literal
+    (``3``, ``1e-5``, ``True``) or a comma-separated tuple of them (``512,512``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    names = {f.name for f in fields(SACConfig)} - {"seed", "device", "extra"}
+    if not sep or key not in names:
+        raise argparse.ArgumentTypeError(
+            f"--sac {text!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(names))}")
+    try:
+        parts = [ast.literal_eval(v.strip()) for v in raw.split(",")]
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"--sac {text!r}: {raw!r} is not a number, bool or "
+                                         "comma-separated list of numbers") from None
+    return key, tuple(parts) if "," in raw else parts[0]
+
+
 def trainer_config(args: argparse.Namespace, budget: str) -> TrainerConfig:
     values = dict(BUDGETS[budget])
     recognizer = dict(values.pop("recognizer", {}))
+    values["sac"] = {**values.get("sac", {}), **dict(args.sac)}
     if args.temporal:
         recognizer["temporal"] = args.temporal
     if args.integration:

@@ -66,10 +66,13 @@ def test_tiny_run_writes_results_files(full_run, tiny_dataset):
     png = (out / "map_vs_gflops.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     train = out / "train"
-    for part in ("stage1/stage1_best.pt", "stage2/checkpoint.pt", "stage2/done.json",
-                 "stage3/round0/recognizer.pt", "stage3/round0/sac/checkpoint.pt"):
+    for part in ("stage1/stage1_best.pt", "stage2/checkpoint.pt", "stage2/best.pt",
+                 "stage2/done.json", "stage3/round0/recognizer.pt",
+                 "stage3/round0/sac/checkpoint.pt", "stage3/round0/sac/best.pt"):
         assert (train / part).is_file(), part
     assert any((train / "stage2" / "tb").iterdir()) and any((train / "tb").iterdir())
+    # replay buffers are only for resuming inside a part: gone once training is complete
+    assert not list(train.rglob("buffer.h5"))
 
 
 def test_stage3_keeps_the_recognizer_that_scores_best_on_val(full_run, tiny_dataset):
@@ -86,7 +89,7 @@ def test_stage3_keeps_the_recognizer_that_scores_best_on_val(full_run, tiny_data
     trainer = ThreeStageTrainer(tiny_dataset, config, out / "train", progress=False)
     val = source_for(tiny_dataset, "val")
     before = Recognizer.load(out / "train" / "stage1" / "stage1_best.pt").eval()
-    actor = trainer.load_algorithm(before, out / "train" / "stage2" / "checkpoint.pt")
+    actor = trainer.load_algorithm(before, out / "train" / "stage2" / "best.pt")
     chosen = Recognizer.load(out / "train" / "stage3" / "round0" / "recognizer.pt").eval()
     kw = dict(max_moves=config.max_moves, stride=config.stride, keep_trajectories=False)
     given = evaluate_policy(CTDEActorPolicy(actor), val, before, **kw).mAP
@@ -95,6 +98,25 @@ def test_stage3_keeps_the_recognizer_that_scores_best_on_val(full_run, tiny_data
     ckpt = torch.load(out / "train" / "stage3" / "round0" / "finetune_last.pt",
                       weights_only=False)
     assert ckpt["best_val_mAP"] == pytest.approx(kept)
+
+
+def test_each_sac_part_keeps_the_policy_that_scores_best_on_val(full_run, tiny_dataset):
+    """Stage II's result is the val-best of the policies it scored (before training and after
+    each epoch), not simply the last one."""
+    from agents.trainer import ThreeStageTrainer, TrainerConfig
+    from vimo_env.recognizer import Recognizer
+
+    out, _ = full_run
+    saved = json.loads((out / "train" / "trainer_config.json").read_text())
+    trainer = ThreeStageTrainer(tiny_dataset, TrainerConfig(**saved["config"]), out / "train",
+                                progress=False)
+    recognizer = Recognizer.load(out / "train" / "stage1" / "stage1_best.pt").eval()
+    part = out / "train" / "stage2"
+    best = trainer.val_map(trainer.load_algorithm(recognizer, part / "best.pt"), recognizer)
+    last = trainer.val_map(trainer.load_algorithm(recognizer, part / "checkpoint.pt"), recognizer)
+    done = json.loads((part / "done.json").read_text())
+    assert done["best_val_mAP"] == pytest.approx(best) and best >= last
+    assert done["gradient_steps"] > done["update_steps"] > 0
 
 
 def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run, tiny_dataset,
@@ -107,6 +129,7 @@ def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run,
     stage1 = tmp_path / "train" / "stage1" / "stage1_best.pt"
     stage1_bytes = stage1.read_bytes()
     stage1_mtime = stage1.stat().st_mtime_ns
+    assert (tmp_path / "train" / "stage2" / "buffer.h5").is_file()  # kept for a resume
     (tmp_path / "train" / "stage2" / "done.json").unlink()
     shutil.rmtree(tmp_path / "train" / "stage3", ignore_errors=True)
     assert not (tmp_path / "train" / "stage3").exists()
