@@ -196,11 +196,13 @@ class CentralCritic(nn.Module):
         onehot = F.one_hot(actions.long(), NUM_ACTIONS).to(observation.dtype) * alive[..., None]
         # others[i, j] = 1 for j != i: row i sees every other locator's (masked) action
         other_actions = (onehot[:, None, :, :] * self.others[None, :, :, None]).reshape(b, n, -1)
-        x = torch.cat(
-            [state[:, None, :].expand(-1, n, -1), self.ids.expand(b, -1, -1), other_actions],
-            dim=-1,
-        )
-        return self.net(x)
+        local = torch.cat([self.ids.expand(b, -1, -1), other_actions], dim=-1)
+        # first layer on [state, local] split in two: the state part, most of the input, is the
+        # same for every locator, so it is multiplied once per sample instead of N times
+        first, s = self.net[0], state.shape[-1]
+        x = (F.linear(state, first.weight[:, :s], first.bias)[:, None, :]
+             + F.linear(local, first.weight[:, s:]))
+        return self.net[1:](x)
 
 
 # --- policy and algorithm ------------------------------------------------------------------

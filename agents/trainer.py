@@ -12,7 +12,7 @@
 
 Model selection (val split, never test): each SAC part keeps the policy with the best val mAP
 among the one it started from and each epoch's (``<part>/best.pt``, ``select_on_val``); each
-fine-tuning keeps the val-best recognizer among the one it was given and each epoch's.
+fine-tuning keeps the val-best of its epochs' recognizers (early stopping).
 
 Checkpoints: Stage I writes ``stage1/stage1_last.pt`` every epoch; SAC writes
 ``<stage>/checkpoint.pt`` and ``buffer.h5`` every epoch (the buffers, 0.6 GB each on PhotoUnits,
@@ -80,6 +80,11 @@ class TrainerConfig:
     rollout_batch_size: int = 1024
     # keep, in each SAC part, the policy with the best val mAP (scored every SAC epoch)
     select_on_val: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_locators", "max_moves", "stride", "finetune_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainerConfig.{name} must be >= 1, got {getattr(self, name)}")
 
     def sac_config(self, seed_offset: int = 0) -> SACConfig:
         values: dict[str, Any] = dict(
@@ -238,10 +243,11 @@ class ThreeStageTrainer:
     def finetune(self, recognizer: Recognizer, algorithm: CTDESAC, part: Path, round_: int,
                  resume: bool) -> Recognizer:
         """K epochs of cross-entropy on the current policy's sampled frames (fresh rollouts
-        every epoch); checkpoint every epoch. Returns the recognizer (the one given, or one of
-        the epochs') that scores the best val mAP with the current policy: fine-tuning on the
-        policy's training-set frames can overfit (measured on PhotoUnits: a third round of two
-        epochs cost 2 test mAP), and the val split is there to catch it."""
+        every epoch); checkpoint every epoch. Returns the epoch's recognizer that scores the
+        best val mAP with the current policy (early stopping: fine-tuning on the policy's
+        training-set frames can overfit; measured on PhotoUnits, a third round of two epochs
+        cost 2 test mAP). The recognizer given is scored too, for the log, but not kept: with
+        a 450-video val split, "no fine-tuning" won on noise alone and made Stage III a no-op."""
         c = self.config
         part.mkdir(parents=True, exist_ok=True)
         last, best_path = part / "finetune_last.pt", part / "finetune_best.pt"
@@ -261,8 +267,9 @@ class ThreeStageTrainer:
             rng.bit_generator.state = ckpt["numpy_rng"]
             start, best = int(ckpt["epoch"]) + 1, float(ckpt["best_val_mAP"])
         else:
-            best = val_map()
-            recognizer.save(best_path)
+            best = -float("inf")
+            self.logger.write("stage3/finetune_epoch", round_ * c.finetune_epochs,
+                              {"val_mAP_given": val_map()})
         labels = torch.as_tensor(self.train_source.labels, device=device)
         V = self.train_source.num_videos
         for epoch in tqdm(range(start, c.finetune_epochs), desc=f"stage III round {round_} "
@@ -318,8 +325,12 @@ class ThreeStageTrainer:
         """All stages (or up to ``stop_after`` in {"I", "II"}); returns each stage's artifacts."""
         if stop_after not in (None, "I", "II", "III"):
             raise ValueError(f"stop_after must be 'I', 'II' or 'III', got {stop_after!r}")
-        _write_json_atomic({"features": str(self.path), "config": asdict(self.config)},
-                           self.out / "trainer_config.json")
+        settings_file = self.out / "trainer_config.json"
+        settings = json.loads(json.dumps({"features": str(self.path),
+                                          "config": asdict(self.config)}))
+        if resume and settings_file.is_file():
+            _check_same_settings(json.loads(settings_file.read_text()), settings, settings_file)
+        _write_json_atomic(settings, settings_file)
         stages = [self.stage1(resume)]
         if stop_after == "I":
             return stages
@@ -330,6 +341,26 @@ class ThreeStageTrainer:
         for buffer in self.out.rglob("buffer.h5"):  # nothing is left to resume
             buffer.unlink()
         return stages
+
+
+class SettingsMismatch(ValueError):
+    """A resume asked for other settings than the run it would continue."""
+
+
+def _check_same_settings(saved: dict, current: dict, path: Path) -> None:
+    """A resume must continue the run it resumes: the same data and the same settings (the
+    device may change). Mixing settings would silently give a run that no config describes."""
+    ignore = {"device"}
+    old, new = saved.get("config", {}), current["config"]
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if k not in ignore and old.get(k) != new.get(k))
+    if saved.get("features") != current["features"]:
+        changed.insert(0, "features")
+    if changed:
+        detail = "; ".join(f"{k}: {old.get(k, saved.get(k))!r} -> "
+                           f"{new.get(k, current.get(k))!r}" for k in changed)
+        raise SettingsMismatch(f"{path}: --resume with other settings than the run it resumes "
+                         f"({detail}); resume with the same options or start a new --out")
 
 
 def source_for(path: str | os.PathLike, split: str, device: str = "cpu") -> FrameSource:

@@ -135,12 +135,23 @@ def measure(runner: Runner, policy: str, rows_list: list[np.ndarray], repeats: i
             "extract_s": source.extract_seconds}
 
 
+def photounits_manifest(data_dir: str | os.PathLike, preset: str) -> Path:
+    """The MP4 manifest of a PhotoUnits build: ``data_dir`` is one build folder, or the cache
+    of builds (run_marl's ``--data-dir``) where the ``preset`` build is made if missing."""
+    from features.photounits import MANIFEST_FILE, MP4_DIR, ensure_dataset
+
+    build = Path(data_dir)
+    if not (build / MP4_DIR / MANIFEST_FILE).is_file():
+        build = ensure_dataset(data_dir, preset).parent
+    return build / MP4_DIR / MANIFEST_FILE
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data",
-                        help="where PhotoUnits builds are cached (the folder run_marl's "
-                             "--data-dir names, not a build folder inside it); or give "
-                             "--manifest")
+                        help="PhotoUnits: the cache run_marl's --data-dir names (the "
+                             "--preset build is made there if missing) or one build folder "
+                             "in it; or give --manifest")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--manifest", default=None, help="MP4 manifest (default: PhotoUnits')")
     parser.add_argument("--run-dir", default=None, help="run_marl.py output with Stage III")
@@ -160,10 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     if args.manifest is None:
-        from features.photounits import MANIFEST_FILE, MP4_DIR, ensure_dataset
-
-        args.manifest = str(ensure_dataset(args.data_dir, args.preset).parent / MP4_DIR
-                            / MANIFEST_FILE)
+        args.manifest = str(photounits_manifest(args.data_dir, args.preset))
     entries, class_names = load_manifest(args.manifest)
     if args.run_dir:
         args.recognizer, args.actor = map(str, final_checkpoints(Path(args.run_dir)))

@@ -74,7 +74,12 @@ from agents.evaluate import (  # noqa: E402
     evaluate_selection_baseline,
 )
 from agents.policies import CTDEActorPolicy  # noqa: E402
-from agents.trainer import ThreeStageTrainer, TrainerConfig, source_for  # noqa: E402
+from agents.trainer import (  # noqa: E402
+    SettingsMismatch,
+    ThreeStageTrainer,
+    TrainerConfig,
+    source_for,
+)
 from features.atomic import atomic_path, write_text_atomic  # noqa: E402
 from features.photounits import PRESETS as PHOTOUNITS_PRESETS  # noqa: E402
 from features.photounits import ensure_dataset  # noqa: E402
@@ -284,7 +289,10 @@ def dataset_path(args: argparse.Namespace) -> tuple[Path, str]:
 def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> dict:
     config = trainer_config(args, budget)
     trainer = ThreeStageTrainer(path, config, out / "train", progress=not args.no_progress)
-    stages = trainer.run(resume=args.resume, stop_after=args.stop_after)
+    try:
+        stages = trainer.run(resume=args.resume, stop_after=args.stop_after)
+    except SettingsMismatch as err:
+        raise SystemExit(str(err)) from None
     rows, stage_rows, extra = evaluate_run(path, trainer, stages, config, args.eval_batch_size,
                                            not args.no_progress)
     return {"config": asdict(config), "rows": rows, "stages": stage_rows, "extra": extra}
