@@ -196,3 +196,18 @@ def test_photounits_run_end_to_end(run_marl, tmp_path):
     assert manifest.is_file() and manifest.is_relative_to(build)
     assert live.photounits_manifest(build, "tiny") == manifest
     assert len(list((tmp_path / "data").glob("photounits-tiny-*"))) == 1  # nothing rebuilt
+    # the bounds script drives the same actors and recognizer: its "learned" row is Table 2's
+    spec = importlib.util.spec_from_file_location("bounds",
+                                                  ROOT / "benchmarks" / "photounits_bounds.py")
+    bounds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bounds)
+    rows = {r["policy"]: r for r in bounds.main(["--run-dir", str(tmp_path / "out"),
+                                                 "--preset", "tiny"])}
+    adaptive = next(p for p in payload["policies"] if p["name"] == "adaptive")
+    assert rows["learned"]["mAP"] == pytest.approx(adaptive["mAP"])
+    assert rows["learned"]["frames_per_video"] == pytest.approx(adaptive["frames_per_video"])
+    # at most 5 frames a locator; stopping on units only saves frames
+    assert rows["countdown"]["frames_per_video"] <= 15.0
+    assert rows["countdown+stop"]["frames_per_video"] <= rows["countdown"]["frames_per_video"]
+    with pytest.raises(SystemExit, match="not PhotoUnits 'default'"):
+        bounds.main(["--run-dir", str(tmp_path / "out")])
