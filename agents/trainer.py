@@ -359,8 +359,9 @@ def _check_same_settings(saved: dict, current: dict, path: Path) -> None:
     if changed:
         detail = "; ".join(f"{k}: {old.get(k, saved.get(k))!r} -> "
                            f"{new.get(k, current.get(k))!r}" for k in changed)
-        raise SettingsMismatch(f"{path}: --resume with other settings than the run it resumes "
-                         f"({detail}); resume with the same options or start a new --out")
+        raise SettingsMismatch(f"{path}: --resume with other settings than the run it "
+                               f"resumes ({detail}); resume with the same options or start a "
+                               "new --out")
 
 
 def source_for(path: str | os.PathLike, split: str, device: str = "cpu") -> FrameSource:
