@@ -44,10 +44,10 @@ final recognizer, each one run): n-step 2 / 3, target entropy 0.1, an entropy ta
 0.3 or 0.2 -> 0.05, Stage II 64k steps, batch 256, three Stage III rounds, fine-tuning on the
 argmax policy's frames (-0.7 to -2.9). Stage II alone, best val mAP over epochs: shared actor,
 critic lr 3e-4, actor lr 1e-4, batch 512, prioritized replay and 4x512 / 5x512 networks all at
-or below the default's 94.7; batch 256 and 4x updates reached 95.3 / 95.0, which did not carry
-over to test. Val and test disagree by up to 1.8 mAP on 450 videos each, more than most of
-these differences. Open work: per-locator credit for the team reward, or more SAC updates per
-frame of reward computation.
+or below the default's 94.7; batch 256 reached 95.3 but 93.6 on test after Stage III, and 4x
+updates 95.0 (not run further). Val and test disagree by up to 1.8 mAP on 450 videos each,
+more than most of these differences. Open work: per-locator credit for the team reward, or
+more SAC updates per frame of reward computation.
 
 Prints ViMo Table 2 (strategy: frame rate, mAP, GFLOPs; test split, final recognizer) and
 Table 5 (mAP and GFLOPs after each stage), with the command line that produced them, and writes
