@@ -195,9 +195,14 @@ def trainer_config(args: argparse.Namespace, budget: str) -> TrainerConfig:
                  "stage3_rounds": args.stage3_rounds, "finetune_epochs": args.finetune_epochs,
                  "stage3_env_steps": args.stage3_steps, "frame_cost": args.frame_cost}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainerConfig(num_locators=args.num_locators, max_moves=args.max_moves,
-                         stride=args.stride, seed=args.seed, device=args.device,
-                         recognizer=recognizer, **values)
+    try:
+        config = TrainerConfig(num_locators=args.num_locators, max_moves=args.max_moves,
+                               stride=args.stride, seed=args.seed, device=args.device,
+                               recognizer=recognizer, **values)
+        config.sac_config()  # SACConfig checks its values: fail now, not after Stage I
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"run_marl.py: {err}") from None
+    return config
 
 
 def evaluate_run(path: Path, trainer: ThreeStageTrainer, stages: list, config: TrainerConfig,

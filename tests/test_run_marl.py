@@ -158,6 +158,20 @@ def test_resume_with_other_settings_is_refused(run_marl, full_run, tiny_dataset)
     assert (out / "train" / "trainer_config.json").read_text() == before
 
 
+def test_sac_overrides_reach_the_learner_and_bad_ones_stop_early(run_marl):
+    args = run_marl.parse_args(["--sac", "n_step=3", "--sac", "actor_hidden=32,16",
+                                "--sac", "actor_lr=1e-5"])
+    sac = run_marl.trainer_config(args, "photounits").sac_config()
+    assert (sac.n_step, sac.actor_hidden, sac.actor_lr) == (3, (32, 16), 1e-5)
+    assert sac.target_entropy_ratio == 0.2  # the budget's own override is kept
+    for bad, match in ((["--sac", "nstep=3"], None), (["--sac", "n_step=three"], None),
+                       (["--sac", "n_step=0"], "n_step")):
+        with pytest.raises(SystemExit) as info:
+            run_marl.trainer_config(run_marl.parse_args(bad), "photounits")
+        if match is not None:
+            assert match in str(info.value)
+
+
 def test_same_seed_same_numbers(run_marl, full_run, tiny_dataset, tmp_path):
     _, reference = full_run
     again = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
