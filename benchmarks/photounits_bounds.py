@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     run = Path(args.run_dir)
     train_dir = run / "train" if (run / "train").is_dir() else run
+    if not (train_dir / "trainer_config.json").is_file():
+        raise SystemExit(f"{run}: no trainer_config.json; pass a run_marl.py --out folder")
     settings = json.loads((train_dir / "trainer_config.json").read_text())
     features = Path(settings["features"])
     key = PRESETS[args.preset].key(args.data_seed)
@@ -112,7 +114,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          f"{args.data_seed} (build key {key}); pass the run's --preset and "
                          "--data-seed")
     config = TrainerConfig(**settings["config"])
-    rec_path, sac_path = final_checkpoints(train_dir)
+    try:
+        rec_path, sac_path = final_checkpoints(train_dir)
+    except FileNotFoundError as err:
+        raise SystemExit(f"{err} (has the run finished Stage III?)") from None
     recognizer = Recognizer.load(rec_path, map_location=config.device).eval()
     trainer = ThreeStageTrainer(features, config, train_dir, progress=False)
     actor = trainer.load_algorithm(recognizer, sac_path).policy.actor.eval()

@@ -225,3 +225,5 @@ def test_photounits_run_end_to_end(run_marl, tmp_path):
     assert rows["countdown+stop"]["frames_per_video"] <= rows["countdown"]["frames_per_video"]
     with pytest.raises(SystemExit, match="not PhotoUnits 'default'"):
         bounds.main(["--run-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="no trainer_config.json"):
+        bounds.main(["--run-dir", str(tmp_path / "data")])
