@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.selection import select_frames  # noqa: E402
 from agents.trainer import final_checkpoints  # noqa: E402
+from features.atomic import write_text_atomic  # noqa: E402
 from features.live import LiveFrameSource  # noqa: E402
 from features.manifests import load_manifest  # noqa: E402
 from vimo_env.core import LocatorCore  # noqa: E402
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"latency {first['policy']} / all = {ratio:.3f}")
     print("GMACs per frame (Lite0):", round(source.gflops_per_frame, 4))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_text_atomic(args.out, json.dumps(results, indent=2))
     return results
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/photounits_bounds.py --run-dir results/demo [--split test]
                                            [--preset default] [--data-seed 0]
+                                           [--out FILE.json]
 
 PhotoUnits (``features.photounits``) announces every unit instance with a build-up of three
 reserved textures, 3, 2 and 1 strides before it. The policies below read each frame's
@@ -40,6 +41,7 @@ from agents.trainer import (  # noqa: E402
     final_checkpoints,
     source_for,
 )
+from features.atomic import write_text_atomic  # noqa: E402
 from features.photounits import PRESETS, PhotoUnitsWorld  # noqa: E402
 from vimo_env.core import LocatorCore  # noqa: E402
 from vimo_env.recognizer import Recognizer  # noqa: E402
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run_dir)
@@ -139,6 +142,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['frames_per_video']:>13.1f} {r['frame_rate']:>13.1f}")
     print(f"{'uniform-50':<18} {uniform.mAP:>7.1f} {uniform.top1:>7.1f} {'':>10} "
           f"{uniform.frames_per_video:>13.1f} {uniform.frame_rate:>13.1f}")
+    if args.out:
+        write_text_atomic(args.out, json.dumps(
+            {"run_dir": str(run), "split": args.split, "recognizer": str(rec_path),
+             "actors": str(sac_path), "policies": rows, "uniform-50": uniform.row()},
+            indent=2))
     return rows
 
 

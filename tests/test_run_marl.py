@@ -216,7 +216,10 @@ def test_photounits_run_end_to_end(run_marl, tmp_path):
     bounds = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bounds)
     rows = {r["policy"]: r for r in bounds.main(["--run-dir", str(tmp_path / "out"),
-                                                 "--preset", "tiny"])}
+                                                 "--preset", "tiny",
+                                                 "--out", str(tmp_path / "bounds.json")])}
+    saved = json.loads((tmp_path / "bounds.json").read_text())
+    assert [r["policy"] for r in saved["policies"]] == list(bounds.POLICIES)
     adaptive = next(p for p in payload["policies"] if p["name"] == "adaptive")
     assert rows["learned"]["mAP"] == pytest.approx(adaptive["mAP"])
     assert rows["learned"]["frames_per_video"] == pytest.approx(adaptive["frames_per_video"])
