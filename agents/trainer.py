@@ -246,17 +246,14 @@ class ThreeStageTrainer:
         every epoch); checkpoint every epoch. Returns the epoch's recognizer that scores the
         best val mAP with the current policy (early stopping: fine-tuning on the policy's
         training-set frames can overfit; measured on PhotoUnits, a third round of two epochs
-        cost 2 test mAP). The recognizer given is scored too, for the log, but not kept: with
-        a 450-video val split, "no fine-tuning" won on noise alone and made Stage III a no-op."""
+        cost 2 test mAP). The recognizer given is not a candidate: with a 450-video val split,
+        "no fine-tuning" won on noise alone and made Stage III a no-op. (Its val mAP is in the
+        log already: the SAC part before scored that policy with it.)"""
         c = self.config
         part.mkdir(parents=True, exist_ok=True)
         last, best_path = part / "finetune_last.pt", part / "finetune_best.pt"
         device = torch.device(c.device)
         recognizer = recognizer.to(device)
-
-        def val_map() -> float:
-            return self.val_map(algorithm, recognizer)
-
         optimizer = torch.optim.Adam(recognizer.parameters(), lr=c.finetune_lr)
         rng = np.random.default_rng(c.seed + 7919 * (round_ + 1))
         start = 0
@@ -268,8 +265,6 @@ class ThreeStageTrainer:
             start, best = int(ckpt["epoch"]) + 1, float(ckpt["best_val_mAP"])
         else:
             best = -float("inf")
-            self.logger.write("stage3/finetune_epoch", round_ * c.finetune_epochs,
-                              {"val_mAP_given": val_map()})
         labels = torch.as_tensor(self.train_source.labels, device=device)
         V = self.train_source.num_videos
         for epoch in tqdm(range(start, c.finetune_epochs), desc=f"stage III round {round_} "
@@ -291,7 +286,7 @@ class ThreeStageTrainer:
                 optimizer.step()
                 total += loss.item() * len(batch)
             recognizer.eval()
-            score = val_map()
+            score = self.val_map(algorithm, recognizer)
             self.logger.write("stage3/finetune_epoch", round_ * c.finetune_epochs + epoch,
                               {"finetune_loss": total / V, "val_mAP": score})
             if score > best:

@@ -50,12 +50,12 @@ POLICIES = ("learned", "countdown", "countdown+stop", "learned+countdown")
 UNIT, BACKGROUND = -1, 0  # frame categories; build-up phases are 1, 2, 3 (strides to the unit)
 
 
-def frame_categories(world: PhotoUnitsWorld, video_ids: list[str], pad: int) -> np.ndarray:
-    """``[V, T_max + pad]``: UNIT, BACKGROUND or the build-up phase k (k strides before)."""
+def frame_categories(world: PhotoUnitsWorld, video_ids: list[str]) -> np.ndarray:
+    """``[V, T_max]``: UNIT, BACKGROUND or the build-up phase k (k strides before)."""
     c = world.config
-    leadin = [c.vocabulary + c.textures.index(t) for t in c.leadin_textures]
+    leadin = c.leadin_photos
     plans = [world.plan(int(v.removeprefix("pu"))) for v in video_ids]
-    out = np.full((len(plans), max(len(p.photo) for p in plans) + pad), BACKGROUND)
+    out = np.full((len(plans), max(len(p.photo) for p in plans)), BACKGROUND)
     for row, plan in enumerate(plans):
         cat = out[row, : len(plan.photo)]
         cat[plan.photo < c.vocabulary] = UNIT
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     actor = trainer.load_algorithm(recognizer, sac_path).policy.actor.eval()
     source = source_for(features, args.split, config.device)
     world = PhotoUnitsWorld(PRESETS[args.preset], args.data_seed)
-    categories = frame_categories(world, list(source.video_ids),
-                                  pad=config.max_moves * 3 * config.stride)
+    categories = frame_categories(world, list(source.video_ids))  # (positions stop at T-1)
     core = LocatorCore(source, recognizer, num_locators=config.num_locators,
                        max_moves=config.max_moves, stride=config.stride, frame_cost=0.0,
                        compute_rewards=False, device=config.device,

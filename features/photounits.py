@@ -238,6 +238,11 @@ class PhotoUnitsConfig:
         return len(self.units)
 
     @property
+    def leadin_photos(self) -> tuple[int, ...]:
+        """Photo ids (bank order) of the lead-in textures, far to near."""
+        return tuple(self.vocabulary + self.textures.index(t) for t in self.leadin_textures)
+
+    @property
     def photos(self) -> tuple[str, ...]:
         """Bank order: unit photos, texture photos, then the noise type."""
         return (*self.units, *self.textures, NOISE)
@@ -501,7 +506,7 @@ class PhotoUnitsWorld:
         rng = np.random.default_rng([self.seed, video, 2])
         T = int(rng.integers(c.length[0], c.length[1] + 1))
         V, S = c.vocabulary, c.shots_per_photo
-        leadin = np.asarray([V + c.textures.index(x) for x in c.leadin_textures], np.int64)
+        leadin = np.asarray(c.leadin_photos, np.int64)
         background = np.setdiff1d(np.arange(V, V + len(c.textures) + 1), leadin)  # + noise
         photo = np.empty(T, np.int64)
         shot = np.empty(T, np.int64)
