@@ -232,6 +232,18 @@ def test_without_rewards_same_episodes_and_single_final_prediction():
         assert lean.p_gt[row].item() == pytest.approx(b.scores[b.label], abs=1e-6)
 
 
+def test_counting_costs_leaves_the_global_random_stream_alone():
+    """Recognizer.flops runs a train-mode pass (dropout): it must not shift the caller's RNG,
+    or evaluating a policy (which counts costs) would change the training that follows."""
+    recognizer = tiny_recognizer()
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    cost = recognizer.flops()
+    assert torch.equal(torch.rand(4), expected)
+    assert cost["temporal_per_frame"] > 0 and not recognizer.training  # mode restored
+
+
 def test_gflops_accounting_in_the_files_unit():
     for unit, factor in (("MACs", 0.5), ("FLOPs", 1.0)):
         source = ArraySource([20], dim=4, classes=3, gflops_per_frame=2.0, flops_unit=unit)

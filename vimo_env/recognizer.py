@@ -242,7 +242,9 @@ class Recognizer(nn.Module):
         Returns ``{"temporal_per_frame": F_T cost of folding one frame into one locator,
         "integration": F_M + classifier cost of one prediction from N embeddings,
         "unit": "FLOPs"}`` (FLOPs = 2 x multiply-adds; matmuls and convolutions only).
-        Counted in training mode because the fused eval-mode transformer kernel is not counted.
+        Counted in training mode because the fused eval-mode transformer kernel is not counted;
+        the global RNG is forked, so the dropout of that pass never shifts a caller's random
+        stream (counting costs used to change the training that followed it).
         """
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -250,8 +252,9 @@ class Recognizer(nn.Module):
         was_training = self.training
         param = self.classifier.weight
         self.train()
+        devices = [param.device] if param.device.type == "cuda" else []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 state = self.initial_state(1, param.device)
                 frames = torch.zeros(1, c.num_locators, c.feature_dim, device=param.device,
                                      dtype=param.dtype)
