@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from tianshou.algorithm.optim import AdamOptimizerFactory
 from tianshou.data import Batch, Collector, VectorReplayBuffer
 from tianshou.utils.torch_utils import policy_within_training_step
 from torch import nn
+from tqdm import tqdm
 
 from agents.tianshou_env import TianshouVectorEnvAdapter
 from features.atomic import atomic_path, torch_save_atomic
@@ -86,6 +88,10 @@ class SACConfig:
     collect_env_steps: int = 64  # env transitions per training step (multiple of num_envs)
     updates_per_env_step: float = 0.25  # gradient steps per collected transition
     epoch_env_steps: int = 2048
+    # gradient steps at the start of a run that fit only the critics (actor and alpha wait):
+    # a learner continued on a new recognizer (Stage III) sees new observations and rewards,
+    # and an actor following critics fitted to the old ones drifts away from a good policy
+    critic_warmup_gradient_steps: int = 0
     seed: int = 0
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +104,8 @@ class SACConfig:
             raise ValueError(f"SACConfig.tau must be in [0, 1], got {self.tau}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"SACConfig.gamma must be in [0, 1], got {self.gamma}")
+        if self.critic_warmup_gradient_steps < 0:
+            raise ValueError("SACConfig.critic_warmup_gradient_steps must be >= 0")
         if self.batch_size < 1 or self.n_step < 1 or self.num_envs < 1:
             raise ValueError("SACConfig.batch_size, n_step and num_envs must be >= 1")
         if self.collect_env_steps % self.num_envs:
@@ -261,6 +269,7 @@ class CTDESAC(DiscreteSAC):
     """Discrete SAC with per-locator actors, centralized twin critics and alive masking."""
 
     policy: CTDEPolicy
+    critic_only_steps_left: int = 0  # gradient steps that still skip the actor and alpha
 
     def _target_q(self, buffer: Any, indices: np.ndarray) -> torch.Tensor:
         # The stock version builds a per-row info list we do not need; same semantics.
@@ -310,6 +319,14 @@ class CTDESAC(DiscreteSAC):
         td_rows = torch.zeros(alive.shape, device=device)
         td_rows[alive] = ((td1 + td2) / 2.0).abs().detach()
         batch.weight = td_rows.sum(-1) / alive.sum(-1).clamp(min=1)
+
+        if self.critic_only_steps_left > 0:  # critic warm-up: the actor and alpha wait
+            self.critic_only_steps_left -= 1
+            self._update_lagged_network_weights()
+            return DiscreteSACTrainingStats(
+                actor_loss=0.0, critic1_loss=critic1_loss.item(),
+                critic2_loss=critic2_loss.item(), alpha=self.alpha.value, alpha_loss=None,
+            )
 
         logits = self.policy.actor(observation)[alive]  # [count, 4]: stopped rows dropped
         logp = F.log_softmax(logits, dim=-1)
@@ -525,6 +542,9 @@ def train_sac(
         scored_at = start_env_step
         if buffer_file is not None and buffer_file.is_file():
             collector.buffer = VectorReplayBuffer.load_hdf5(str(buffer_file))
+    grads_per_update = round(config.updates_per_env_step * config.collect_env_steps)
+    algorithm.critic_only_steps_left = max(
+        0, config.critic_warmup_gradient_steps - start_update_step * grads_per_update)
     collector.reset(reset_buffer=not resumed)
     if config.warmup_env_steps and not resumed:
         collector.collect(n_step=config.warmup_env_steps, random=True)
@@ -571,7 +591,8 @@ def train_sac(
         verbose=False,
         show_progress=show_progress,
     )
-    info = algorithm.run_training(params)
+    with _tianshou_bars(show_progress):
+        info = algorithm.run_training(params)
     # train_step counts this run's collector only; update_step continues the logged counter
     # (Tianshou passes it to save_fn as "gradient_step", but each update step runs
     # round(updates_per_env_step * collect_env_steps) gradient steps)
@@ -585,13 +606,34 @@ def train_sac(
         algorithm=algorithm,
         env_steps=total_env_steps,
         update_steps=total_update_steps,
-        gradient_steps=total_update_steps
-        * round(config.updates_per_env_step * config.collect_env_steps),
+        gradient_steps=total_update_steps * grads_per_update,
         checkpoint=checkpoint,
         best_checkpoint=best_file if score_fn is not None else None,
         best_score=best_score if score_fn is not None else None,
         info=info,
     )
+
+
+@contextmanager
+def _tianshou_bars(show: bool) -> Iterator[None]:
+    """Tianshou 2.0.1's gradient-update bar passes its own ``disable=`` (off below 20 steps per
+    collection) over the trainer's ``show_progress``, so ``show_progress=False`` still printed
+    it; while hidden, every bar the trainer makes is forced off."""
+    from tianshou.trainer import Trainer
+
+    if show:
+        yield
+        return
+
+    def quiet_tqdm(*args: Any, **kwargs: Any) -> tqdm:
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    original = Trainer.__dict__["_pbar"]
+    Trainer._pbar = property(lambda self: quiet_tqdm)  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        Trainer._pbar = original  # type: ignore[method-assign]
 
 
 def update_once(algorithm: CTDESAC, buffer: Any, batch_size: int) -> DiscreteSACTrainingStats:

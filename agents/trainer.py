@@ -10,9 +10,12 @@
   ``Recognizer.forward``; cross-entropy), then (b) SAC on the frozen updated recognizer with
   fresh replay data (the observations ``h_i`` shifted with the recognizer).
 
-Model selection (val split, never test): each SAC part keeps the policy with the best val mAP
+Model selection (val split, never test): each SAC part keeps the policy with the best val score
 among the one it started from and each epoch's (``<part>/best.pt``, ``select_on_val``); each
-fine-tuning keeps the val-best of its epochs' recognizers (early stopping).
+fine-tuning keeps the val-best of its epochs' recognizers (early stopping). The score
+(``selection_metric``) is the mean final probability of the true class by default - the
+quantity the team reward sums to, and far less noisy on a few hundred videos than mAP, which
+moves when two videos swap ranks - or val mAP.
 
 Checkpoints: Stage I writes ``stage1/stage1_last.pt`` every epoch; SAC writes
 ``<stage>/checkpoint.pt`` and ``buffer.h5`` every epoch (the buffers, 0.6 GB each on PhotoUnits,
@@ -48,6 +51,8 @@ from features.source import CachedFrameSource, FrameSource
 from vimo_env.gym_env import VideoLocatorsVectorEnv
 from vimo_env.recognizer import Recognizer
 
+SELECTION_METRICS = ("p_gt", "mAP")
+
 
 @dataclass
 class TrainerConfig:
@@ -77,16 +82,25 @@ class TrainerConfig:
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 64
     stage3_env_steps: int = 6_000  # SAC env steps per round
+    # each round's SAC first fits only the critics to the fine-tuned recognizer's observations
+    # and rewards for this many gradient steps (SACConfig.critic_warmup_gradient_steps)
+    stage3_critic_warmup: int = 0
     rollout_batch_size: int = 1024
-    # keep, in each SAC part, the policy with the best val mAP (scored every SAC epoch)
+    # keep, in each SAC part, the policy with the best val score (scored every SAC epoch)
     select_on_val: bool = True
+    selection_metric: str = "p_gt"  # "p_gt" (mean final P(true class), x100) or "mAP"
 
     def __post_init__(self) -> None:
         for name in ("num_locators", "max_moves", "stride", "finetune_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ValueError(f"TrainerConfig.selection_metric must be one of {SELECTION_METRICS}, "
+                             f"got {self.selection_metric!r}")
+        if self.stage3_critic_warmup < 0:
+            raise ValueError("TrainerConfig.stage3_critic_warmup must be >= 0")
 
-    def sac_config(self, seed_offset: int = 0) -> SACConfig:
+    def sac_config(self, seed_offset: int = 0, **overrides: Any) -> SACConfig:
         values: dict[str, Any] = dict(
             actor_hidden=(256, 256), critic_hidden=(256, 256), actor_lr=3e-4, critic_lr=1e-3,
             alpha_lr=1e-3, batch_size=128, tau=0.02, gamma=0.99, n_step=1,
@@ -95,6 +109,7 @@ class TrainerConfig:
             buffer_size=50_000,
         )
         values.update(self.sac)
+        values.update(overrides)
         values["seed"] = self.seed + seed_offset
         values["device"] = self.device
         return SACConfig(**values)
@@ -168,13 +183,18 @@ class ThreeStageTrainer:
             self._val_source = source_for(self.path, "val", self.config.device)
         return self._val_source
 
-    def val_map(self, algorithm: CTDESAC, recognizer: Recognizer) -> float:
-        """mAP of the deterministic policy on the val split (model selection)."""
+    def val_score(self, algorithm: CTDESAC, recognizer: Recognizer) -> float:
+        """Model-selection score of the deterministic policy on the val split, higher is
+        better: ``selection_metric`` "p_gt" (100 x mean final P(true class)) or "mAP"."""
         c = self.config
-        return evaluate_policy(CTDEActorPolicy(algorithm), self.val_source, recognizer,
-                               max_moves=c.max_moves, stride=c.stride,
-                               batch_size=c.rollout_batch_size, device=c.device,
-                               keep_trajectories=False).mAP
+        result = evaluate_policy(CTDEActorPolicy(algorithm), self.val_source, recognizer,
+                                 max_moves=c.max_moves, stride=c.stride,
+                                 batch_size=c.rollout_batch_size, device=c.device,
+                                 keep_trajectories=False)
+        if c.selection_metric == "mAP":
+            return result.mAP
+        labels = np.asarray(self.val_source.labels)
+        return 100.0 * float(result.scores[np.arange(len(labels)), labels].mean())
 
     def _sac(self, part: Path, recognizer: Recognizer, env_steps: int, resume: bool,
              algorithm: CTDESAC | None, seed_offset: int) -> Path:
@@ -187,14 +207,18 @@ class ThreeStageTrainer:
         score_fn = None
         if self.config.select_on_val:
             def score_fn(learner: CTDESAC) -> float:
-                return self.val_map(learner, recognizer)
-        result = train_sac(self._env_factory(recognizer), self.config.sac_config(seed_offset),
+                return self.val_score(learner, recognizer)
+        warmup = {"critic_warmup_gradient_steps": self.config.stage3_critic_warmup} \
+            if algorithm is not None and self.config.stage3_critic_warmup else {}  # Stage III
+        sac_config = self.config.sac_config(seed_offset, **warmup)
+        result = train_sac(self._env_factory(recognizer), sac_config,
                            env_steps=env_steps, out_dir=part,
                            resume=resume and (part / "checkpoint.pt").is_file(),
                            algorithm=algorithm, show_progress=self.progress, score_fn=score_fn)
         _write_json_atomic({"env_steps": result.env_steps, "update_steps": result.update_steps,
                             "gradient_steps": result.gradient_steps,
-                            "best_val_mAP": result.best_score}, done)
+                            "best_val_score": result.best_score,
+                            "selection_metric": self.config.selection_metric}, done)
         return result_file
 
     # ------------------------------------------------------------ stages
@@ -244,10 +268,10 @@ class ThreeStageTrainer:
                  resume: bool) -> Recognizer:
         """K epochs of cross-entropy on the current policy's sampled frames (fresh rollouts
         every epoch); checkpoint every epoch. Returns the epoch's recognizer that scores the
-        best val mAP with the current policy (early stopping: fine-tuning on the policy's
+        best val score with the current policy (early stopping: fine-tuning on the policy's
         training-set frames can overfit; measured on PhotoUnits, a third round of two epochs
         cost 2 test mAP). The recognizer given is not a candidate: with a 450-video val split,
-        "no fine-tuning" won on noise alone and made Stage III a no-op. (Its val mAP is in the
+        "no fine-tuning" won on noise alone and made Stage III a no-op. (Its val score is in the
         log already: the SAC part before scored that policy with it.)"""
         c = self.config
         part.mkdir(parents=True, exist_ok=True)
@@ -262,7 +286,7 @@ class ThreeStageTrainer:
             recognizer.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             rng.bit_generator.state = ckpt["numpy_rng"]
-            start, best = int(ckpt["epoch"]) + 1, float(ckpt["best_val_mAP"])
+            start, best = int(ckpt["epoch"]) + 1, float(ckpt["best_val_score"])
         else:
             best = -float("inf")
         labels = torch.as_tensor(self.train_source.labels, device=device)
@@ -286,15 +310,15 @@ class ThreeStageTrainer:
                 optimizer.step()
                 total += loss.item() * len(batch)
             recognizer.eval()
-            score = self.val_map(algorithm, recognizer)
+            score = self.val_score(algorithm, recognizer)
             self.logger.write("stage3/finetune_epoch", round_ * c.finetune_epochs + epoch,
-                              {"finetune_loss": total / V, "val_mAP": score})
+                              {"finetune_loss": total / V, "val_score": score})
             if score > best:
                 best = score
                 recognizer.save(best_path)  # atomic, before the checkpoint that records it
             torch_save_atomic({"epoch": epoch, "model": recognizer.state_dict(),
                                "optimizer": optimizer.state_dict(),
-                               "numpy_rng": rng.bit_generator.state, "best_val_mAP": best},
+                               "numpy_rng": rng.bit_generator.state, "best_val_score": best},
                               last)
         return Recognizer.load(best_path, map_location=device).eval()
 

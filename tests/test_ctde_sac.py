@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -147,6 +148,51 @@ def test_stopped_locators_get_no_gradient():
         assert not torch.equal(b[0], a[0])
 
 
+def test_critic_warmup_holds_the_actor_and_alpha_for_its_steps():
+    """The first ``critic_warmup_gradient_steps`` updates fit only the critics."""
+    seed_everything(0)
+    algo = build_ctde_sac(OBS_DIM, N, small_config())
+    algo.critic_only_steps_left = 2
+    buffer = _buffer_with_dead_locator(dead=1)
+
+    def snapshot():
+        return ([p.detach().clone() for p in algo.policy.actor.parameters()],
+                [p.detach().clone() for p in algo.critic.parameters()], algo.alpha.value)
+
+    for step in range(3):
+        actor0, critic0, alpha0 = snapshot()
+        update_once(algo, buffer, batch_size=32)
+        actor1, critic1, alpha1 = snapshot()
+        assert any(not torch.equal(a, b) for a, b in zip(critic0, critic1, strict=True))
+        actor_moved = any(not torch.equal(a, b) for a, b in zip(actor0, actor1, strict=True))
+        assert actor_moved == (step == 2) and (alpha0 != alpha1) == (step == 2), step
+    assert algo.critic_only_steps_left == 0
+
+
+def test_train_sac_counts_the_critic_warmup_and_hides_every_bar(tmp_path, capsys):
+    """train_sac arms the warm-up from its config; with show_progress=False nothing is printed,
+    even with >= 20 gradient steps per collection (Tianshou's own bar ignores the switch)."""
+    config = small_config(critic_warmup_gradient_steps=40, collect_env_steps=64,
+                          updates_per_env_step=0.5, epoch_env_steps=128, warmup_env_steps=64)
+    seed_everything(0)
+    algo = build_ctde_sac(OBS_DIM, N, config)
+    actor0 = [p.detach().clone() for p in algo.policy.actor.parameters()]
+    result = train_sac(toy_factory, config, env_steps=128, algorithm=algo)
+    assert result.gradient_steps == 64  # 2 collections x 32: 40 critic-only, then 24 full
+    assert algo.critic_only_steps_left == 0
+    assert any(not torch.equal(a, b)
+               for a, b in zip(actor0, algo.policy.actor.parameters(), strict=True))
+    seed_everything(0)
+    held = build_ctde_sac(OBS_DIM, N, config)
+    actor0 = [p.detach().clone() for p in held.policy.actor.parameters()]
+    train_sac(toy_factory, replace(config, critic_warmup_gradient_steps=64), env_steps=128,
+              algorithm=held)
+    assert all(torch.equal(a, b)
+               for a, b in zip(actor0, held.policy.actor.parameters(), strict=True))
+    captured = capsys.readouterr()
+    assert "gradient update" not in captured.err + captured.out
+
+
 def test_stopped_locator_has_no_future_value():
     seed_everything(0)
     algo = build_ctde_sac(OBS_DIM, N, small_config())
@@ -270,6 +316,8 @@ def test_config_validation():
         SACConfig(tau=1.5)
     with pytest.raises(ValueError, match="multiple"):
         SACConfig(num_envs=8, collect_env_steps=12)
+    with pytest.raises(ValueError, match="critic_warmup_gradient_steps"):
+        SACConfig(critic_warmup_gradient_steps=-1)
     assert SACConfig().tau == 0.01 and SACConfig().batch_size == 8
     assert (SACConfig().actor_lr, SACConfig().critic_lr, SACConfig().alpha_lr) == (1e-5, 5e-5, 5e-4)
     assert SACConfig().actor_hidden == (512,) * 4 and SACConfig().critic_hidden == (512,) * 5

@@ -96,8 +96,8 @@ def test_stage3_keeps_the_recognizer_that_scores_best_on_val(full_run, tiny_data
     ckpt = torch.load(tmp_path / "round0" / "finetune_last.pt", weights_only=False)
     last.load_state_dict(ckpt["model"])
     assert ckpt["epoch"] == 2
-    assert trainer.val_map(actor, chosen) == pytest.approx(ckpt["best_val_mAP"])
-    assert ckpt["best_val_mAP"] >= trainer.val_map(actor, last)
+    assert trainer.val_score(actor, chosen) == pytest.approx(ckpt["best_val_score"])
+    assert ckpt["best_val_score"] >= trainer.val_score(actor, last)
     # the recognizer was fine-tuned (Stage III is never a no-op)
     assert any(not torch.equal(given_state[k], v) for k, v in chosen.state_dict().items())
 
@@ -114,11 +114,60 @@ def test_each_sac_part_keeps_the_policy_that_scores_best_on_val(full_run, tiny_d
                                 progress=False)
     recognizer = Recognizer.load(out / "train" / "stage1" / "stage1_best.pt").eval()
     part = out / "train" / "stage2"
-    best = trainer.val_map(trainer.load_algorithm(recognizer, part / "best.pt"), recognizer)
-    last = trainer.val_map(trainer.load_algorithm(recognizer, part / "checkpoint.pt"), recognizer)
+    best = trainer.val_score(trainer.load_algorithm(recognizer, part / "best.pt"), recognizer)
+    last = trainer.val_score(trainer.load_algorithm(recognizer, part / "checkpoint.pt"), recognizer)
     done = json.loads((part / "done.json").read_text())
-    assert done["best_val_mAP"] == pytest.approx(best) and best >= last
+    assert done["best_val_score"] == pytest.approx(best) and best >= last
     assert done["gradient_steps"] > done["update_steps"] > 0
+
+
+def test_stage3_rounds_start_with_a_critic_warmup(full_run):
+    """Stage II trains actor and critics from the start; each Stage III round first fits only
+    the critics for the budget's stage3_critic_warmup gradient steps."""
+    out, _ = full_run
+    warmup = json.loads((out / "train" / "trainer_config.json").read_text())["config"][
+        "stage3_critic_warmup"]
+    assert warmup == 8
+
+    def sac_config(part: str) -> dict:
+        ckpt = torch.load(out / "train" / part / "checkpoint.pt", weights_only=False)
+        return ckpt["extra"]["config"]
+
+    assert sac_config("stage2")["critic_warmup_gradient_steps"] == 0
+    assert sac_config("stage3/round0/sac")["critic_warmup_gradient_steps"] == warmup
+
+
+def test_selection_scores_are_mean_true_class_probability_or_map(full_run, tiny_dataset):
+    """val_score is 100 x the mean final P(true class) of the deterministic policy on val by
+    default (the reward's objective), or its mAP; other names are refused."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from agents.evaluate import evaluate_policy
+    from agents.policies import CTDEActorPolicy
+    from agents.trainer import ThreeStageTrainer, TrainerConfig
+    from vimo_env.recognizer import Recognizer
+
+    out, _ = full_run
+    saved = TrainerConfig(**json.loads((out / "train" / "trainer_config.json").read_text())
+                          ["config"])
+    assert saved.selection_metric == "p_gt"
+    recognizer = Recognizer.load(out / "train" / "stage1" / "stage1_best.pt").eval()
+    trainer = ThreeStageTrainer(tiny_dataset, saved, out / "train", progress=False)
+    learner = trainer.load_algorithm(recognizer, out / "train" / "stage2" / "best.pt")
+    result = evaluate_policy(CTDEActorPolicy(learner), trainer.val_source, recognizer,
+                             max_moves=saved.max_moves, stride=saved.stride)
+    labels = np.asarray(trainer.val_source.labels)
+    p_gt = 100 * result.scores[np.arange(len(labels)), labels].mean()
+    assert trainer.val_score(learner, recognizer) == pytest.approx(p_gt)
+    by_map = ThreeStageTrainer(tiny_dataset, replace(saved, selection_metric="mAP"),
+                               out / "train", progress=False)
+    assert by_map.val_score(learner, recognizer) == pytest.approx(result.mAP)
+    with pytest.raises(ValueError, match="selection_metric"):
+        replace(saved, selection_metric="top1")
+    with pytest.raises(ValueError, match="stage3_critic_warmup"):
+        replace(saved, stage3_critic_warmup=-1)
 
 
 def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run, tiny_dataset,
