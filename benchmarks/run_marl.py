@@ -45,7 +45,9 @@ small signal. What raised the learned policy (mean test mAP over seeds 0-2 from 
 model selection on val P(true class) instead of val mAP, 3x SAC updates per transition and a
 critic warm-up in each Stage III round (``BUDGETS["photounits"]``). Tried without closing the
 gap (test mAP, seed 0 unless noted): 6x updates (93.1), an EMA of the actor weights (seed 2,
-mean P(true class) 0.016 lower), and before the RNG fix in ``Recognizer.flops``: n-step 2 / 3,
+mean P(true class) 0.016 lower), 4-step returns (seeds 0/1: 95.5 / 95.6, level with or 0.2
+below uniform-50, but mean P(true class) 0.017 / 0.013 lower: its uniform-50 fell with the
+recognizer), and before the RNG fix in ``Recognizer.flops``: n-step 2 / 3,
 target entropy 0.1, annealed entropy targets, Stage II 64k steps, batch 256, three Stage III
 rounds, fine-tuning on the argmax policy's frames; Stage II alone: shared actor, other
 learning rates, batch 512, prioritized replay, 4x512 / 5x512 networks. Val and test disagree
