@@ -1,4 +1,5 @@
-"""Video-level recognition metrics (percent), computed with scikit-learn."""
+"""Video-level recognition metrics: mAP and top-1 in percent (mAP with scikit-learn), and the mean
+probability of the true class in [0, 1]."""
 
 from __future__ import annotations
 
@@ -41,3 +42,10 @@ def top1_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of videos whose highest score is the true class, in percent."""
     scores, labels = _check(scores, labels)
     return float(100.0 * np.mean(scores.argmax(axis=1) == labels))
+
+
+def mean_true_class_probability(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over videos of the score of the true class, in [0, 1] for softmax scores: the
+    final ``P_gt`` that the env's team reward sums to (model selection, bounds)."""
+    scores, labels = _check(scores, labels)
+    return float(scores[np.arange(len(labels)), labels].mean())

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from agents.ctde_sac import CTDESAC, SACConfig, build_ctde_sac, load_checkpoint, train_sac
 from agents.evaluate import evaluate_policy
+from agents.metrics import mean_true_class_probability
 from agents.policies import CTDEActorPolicy
 from agents.selection import gather_padded
 from agents.stage1 import BEST as STAGE1_BEST
@@ -193,8 +194,7 @@ class ThreeStageTrainer:
                                  keep_trajectories=False)
         if c.selection_metric == "mAP":
             return result.mAP
-        labels = np.asarray(self.val_source.labels)
-        return 100.0 * float(result.scores[np.arange(len(labels)), labels].mean())
+        return 100.0 * mean_true_class_probability(result.scores, self.val_source.labels)
 
     def _sac(self, part: Path, recognizer: Recognizer, env_steps: int, resume: bool,
              algorithm: CTDESAC | None, seed_offset: int) -> Path:

@@ -34,7 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.evaluate import evaluate_selection_baseline  # noqa: E402
-from agents.metrics import mean_average_precision  # noqa: E402
+from agents.metrics import (  # noqa: E402
+    mean_average_precision,
+    mean_true_class_probability,
+    top1_accuracy,
+)
 from agents.trainer import (  # noqa: E402
     ThreeStageTrainer,
     TrainerConfig,
@@ -89,8 +93,8 @@ def run_policy(name: str, core: LocatorCore, categories: np.ndarray, actor: torc
     labels = np.asarray(core.source.labels)
     lengths = np.asarray(core.source.lengths)
     return {"policy": name, "mAP": mean_average_precision(scores, labels),
-            "top1": 100.0 * float((scores.argmax(1) == labels).mean()),
-            "p_gt": float(scores[np.arange(n), labels].mean()),
+            "top1": top1_accuracy(scores, labels),
+            "p_gt": mean_true_class_probability(scores, labels),
             "frames_per_video": float(frames.mean()),
             "frame_rate": 100.0 * float((frames / lengths).mean())}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.metrics import mean_average_precision, top1_accuracy
+from agents.metrics import mean_average_precision, mean_true_class_probability, top1_accuracy
 from agents.selection import evaluate_selection, expected_count, segment_bounds, select_frames
 from agents.stage1 import BEST, LAST, Stage1Config, train_stage1
 from vimo_env.recognizer import Recognizer
@@ -24,6 +24,8 @@ def test_map_hand_case():
     # class 1 ranking: v3 (+), v2 (-), v1 (+), v0 (-) -> AP = (1/1 + 2/3) / 2
     assert mean_average_precision(scores, labels) == pytest.approx(100 * 5 / 6)
     assert top1_accuracy(scores, labels) == pytest.approx(50.0)
+    # true-class scores 0.9, 0.4, 0.3, 0.8
+    assert mean_true_class_probability(scores, labels) == pytest.approx(0.6)
     perfect = np.eye(3)[[0, 1, 2, 2]]
     assert mean_average_precision(perfect, np.array([0, 1, 2, 2])) == pytest.approx(100.0)
 
@@ -38,6 +40,8 @@ def test_map_skips_absent_classes_and_rejects_bad_input():
         mean_average_precision(np.full((2, 3), np.nan), np.array([0, 1]))
     with pytest.raises(ValueError, match="scores"):
         top1_accuracy(np.ones(3), np.array([0]))
+    with pytest.raises(ValueError, match="labels"):
+        mean_true_class_probability(scores, np.array([0]))
 
 
 # ---------------------------------------------------------------- selection
