@@ -12,7 +12,10 @@ The joint env (``VideoLocators-v0`` or ``agents.toy``) is one Tianshou env with 
   initialization) and each gets a Polyak-updated target copy (Tianshou's lagged networks);
 * per-locator TD targets: ``y_i = r + gamma * alive_i(s') * V_i(s')`` with
   ``V_i(s') = pi_i(s')^T [min_j Q_j'(s', ., a'_-i) - alpha log pi_i(s')]``, ``a'_-i`` sampled
-  from the current actors: a locator that stopped has no future value (Eq. 9, 10);
+  from the current actors: a locator that stopped has no future value (Eq. 9, 10); with
+  ``difference_credit = w > 0``, ``r`` becomes ``(1 - w) r + w D_i`` where ``D_i`` (the env's
+  ``info["locator_credit"]``) is locator i's difference reward: the team reward minus the team
+  reward had it alone stopped (ours; the paper uses the team reward for every locator);
 * losses averaged over alive (locator, sample) pairs only: a stopped locator gets no gradient;
 * automatic temperature (Eq. 11) toward ``target_entropy_ratio * ln 4`` per locator.
 
@@ -52,6 +55,7 @@ from agents.tianshou_env import TianshouVectorEnvAdapter
 from features.atomic import atomic_path, torch_save_atomic
 
 NUM_ACTIONS = 4
+CREDIT_INFO_KEY = "locator_credit"
 
 
 @dataclass
@@ -92,6 +96,10 @@ class SACConfig:
     # a learner continued on a new recognizer (Stage III) sees new observations and rewards,
     # and an actor following critics fitted to the old ones drifts away from a good policy
     critic_warmup_gradient_steps: int = 0
+    # reward in locator i's critic target: (1 - w) * team reward + w * difference reward, the
+    # team reward minus what it would have been had locator i alone stopped (the env's
+    # info["locator_credit"]); w = 0 is the paper (team reward for all); w > 0 needs n_step = 1
+    difference_credit: float = 0.0
     seed: int = 0
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +112,12 @@ class SACConfig:
             raise ValueError(f"SACConfig.tau must be in [0, 1], got {self.tau}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"SACConfig.gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.difference_credit <= 1.0:
+            raise ValueError(f"SACConfig.difference_credit must be in [0, 1], got "
+                             f"{self.difference_credit}")
+        if self.difference_credit and self.n_step != 1:
+            raise ValueError("SACConfig.difference_credit > 0 needs n_step=1 (the per-locator "
+                             "credit enters the one-step target)")
         if self.critic_warmup_gradient_steps < 0:
             raise ValueError("SACConfig.critic_warmup_gradient_steps must be >= 0")
         if self.batch_size < 1 or self.n_step < 1 or self.num_envs < 1:
@@ -270,6 +284,21 @@ class CTDESAC(DiscreteSAC):
 
     policy: CTDEPolicy
     critic_only_steps_left: int = 0  # gradient steps that still skip the actor and alpha
+    difference_credit: float = 0.0  # SACConfig.difference_credit
+
+    def _preprocess_batch(self, batch: Any, buffer: Any, indices: np.ndarray) -> Any:
+        batch = super()._preprocess_batch(batch, buffer, indices)
+        if self.difference_credit:  # one-step target: mix the locator's credit into the reward
+            info = batch.info
+            if CREDIT_INFO_KEY not in info:
+                raise KeyError(f"difference_credit > 0 needs info[{CREDIT_INFO_KEY!r}] in the "
+                               "buffer: build the env with locator_credit=True")
+            credit = torch.as_tensor(np.asarray(info[CREDIT_INFO_KEY]), dtype=batch.returns.dtype,
+                                     device=batch.returns.device)
+            rew = torch.as_tensor(np.asarray(batch.rew), dtype=batch.returns.dtype,
+                                  device=batch.returns.device)
+            batch.returns = batch.returns + self.difference_credit * (credit - rew[:, None])
+        return batch
 
     def _target_q(self, buffer: Any, indices: np.ndarray) -> torch.Tensor:
         # The stock version builds a per-row info list we do not need; same semantics.
@@ -376,7 +405,7 @@ def build_ctde_sac(
         ).to(device)
     else:
         alpha = float(config.init_alpha)
-    return CTDESAC(
+    algorithm = CTDESAC(
         policy=policy,
         policy_optim=AdamOptimizerFactory(lr=config.actor_lr),
         critic=critic1,
@@ -388,6 +417,8 @@ def build_ctde_sac(
         alpha=alpha,
         n_step_return_horizon=config.n_step,
     )
+    algorithm.difference_credit = config.difference_credit
+    return algorithm
 
 
 @torch.no_grad()
@@ -514,7 +545,9 @@ def train_sac(
     from torch.utils.tensorboard import SummaryWriter
 
     seed_everything(config.seed)
-    env = TianshouVectorEnvAdapter(env_factory(config.num_envs, config.seed), seed=config.seed)
+    info_keys = (CREDIT_INFO_KEY,) if config.difference_credit else ()
+    env = TianshouVectorEnvAdapter(env_factory(config.num_envs, config.seed), seed=config.seed,
+                                   info_keys=info_keys)
     space = env.single_observation_space
     if not isinstance(space, gym.spaces.Dict) or "observation" not in space.spaces:
         raise ValueError(f"env observation space must be Dict with 'observation', got {space}")

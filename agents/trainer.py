@@ -162,7 +162,8 @@ class ThreeStageTrainer:
             return VideoLocatorsVectorEnv(
                 num_envs, features=source, recognizer=recognizer, split="train",
                 num_locators=c.num_locators, max_moves=c.max_moves, stride=c.stride,
-                frame_cost=c.frame_cost, device=c.device, seed=seed)
+                frame_cost=c.frame_cost, device=c.device, seed=seed,
+                locator_credit=self.config.sac_config().difference_credit > 0)
 
         return factory
 

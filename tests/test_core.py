@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -316,3 +318,34 @@ def test_eval_transformer_path_matches_torch_module():
         tokens = rec.to_model(emb) + rec.locator_embedding
         reference = rec.classifier(rec.integrate(tokens).mean(dim=1))  # torch's own eval path
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_difference_credit_is_team_reward_minus_reward_had_the_locator_stopped():
+    core, _, _ = make_core(batch=5, frame_cost=0.03, locator_credit=True)
+    core.reset(torch.tensor([0, 1, 4, 6, 6]))
+    assert torch.equal(core.credit, torch.zeros(5, 3))
+    gen = torch.Generator().manual_seed(5)
+    checked = 0
+    while not bool(core.done.all()):
+        rows = (~core.done).nonzero(as_tuple=True)[0]
+        acts = torch.randint(0, 4, (len(rows), 3), generator=gen)
+        stopped_reward = []
+        for i in range(3):  # the same step on a copy where locator i alone stops
+            alt = acts.clone()
+            alt[:, i] = 0
+            stopped_reward.append(copy.deepcopy(core).step(alt, rows=rows).reward)
+        out = core.step(acts, rows=rows)
+        expected = out.reward[:, None] - torch.stack(stopped_reward, 1)
+        torch.testing.assert_close(core.credit[rows], expected, atol=1e-6, rtol=0)
+        assert torch.equal(core.credit[rows][~out.moved], torch.zeros(int((~out.moved).sum())))
+        checked += int(out.moved.sum())
+    assert checked > 10
+
+
+def test_difference_credit_of_a_single_locator_is_the_team_reward():
+    core, _, _ = make_core(locators=1, batch=7, frame_cost=0.01, locator_credit=True)
+    core.reset(torch.arange(7))
+    out = core.step(torch.tensor([[1], [2], [3], [1], [0], [2], [3]]))
+    torch.testing.assert_close(core.credit[:, 0], out.reward, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="locator_credit needs compute_rewards"):
+        make_core(locator_credit=True, compute_rewards=False)

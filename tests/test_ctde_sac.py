@@ -321,3 +321,40 @@ def test_config_validation():
     assert SACConfig().tau == 0.01 and SACConfig().batch_size == 8
     assert (SACConfig().actor_lr, SACConfig().critic_lr, SACConfig().alpha_lr) == (1e-5, 5e-5, 5e-4)
     assert SACConfig().actor_hidden == (512,) * 4 and SACConfig().critic_hidden == (512,) * 5
+
+
+def test_difference_credit_mixes_each_locators_credit_into_its_one_step_target():
+    rng = np.random.default_rng(1)
+    buf = ReplayBuffer(16)
+    for k in range(16):
+        buf.add(Batch(
+            obs=Batch(observation=rng.random((N, OBS_DIM), dtype=np.float32),
+                      alive=np.ones(N, dtype=np.int8)),
+            act=rng.integers(0, 4, N), rew=float(rng.normal()), terminated=k % 4 == 3,
+            truncated=False, done=k % 4 == 3,
+            obs_next=Batch(observation=rng.random((N, OBS_DIM), dtype=np.float32),
+                           alive=np.array([1, 0, 1], dtype=np.int8)),
+            info={"locator_credit": rng.normal(size=N).astype(np.float32)},
+        ))
+    indices = np.arange(16)
+    returns = {}
+    for weight in (0.0, 0.5, 1.0):
+        seed_everything(0)
+        algo = build_ctde_sac(OBS_DIM, N, small_config(difference_credit=weight))
+        torch.manual_seed(7)  # the target samples the other locators' next actions
+        returns[weight] = algo._preprocess_batch(buf[indices], buf, indices).returns
+    credit = torch.as_tensor(buf.info.locator_credit)
+    rew = torch.as_tensor(buf.rew, dtype=torch.float32)[:, None]
+    for weight in (0.5, 1.0):
+        torch.testing.assert_close(returns[weight],
+                                   returns[0.0] + weight * (credit - rew))
+    # terminal transitions carry only the reward: team for w = 0, the credit for w = 1
+    ends = buf.terminated
+    torch.testing.assert_close(returns[0.0][ends], rew[ends].expand(-1, N))
+    torch.testing.assert_close(returns[1.0][ends], credit[ends])
+    with pytest.raises(ValueError, match="n_step=1"):
+        SACConfig(difference_credit=0.5, n_step=2)
+    with pytest.raises(ValueError, match="difference_credit"):
+        SACConfig(difference_credit=1.5)
+    with pytest.raises(KeyError, match="locator_credit"):  # the toy env has no credit info
+        train_sac(toy_factory, small_config(difference_credit=1.0), env_steps=64)

@@ -210,3 +210,25 @@ def test_tianshou_collector_on_video_locators(h5):
     # every stored episode starts with all locators alive and one frame each
     buf = collector.buffer
     assert len(buf) == 40 and np.isfinite(buf.rew[:40]).all()
+
+
+def test_locator_credit_info_in_every_gymnasium_front_end(h5):
+    """``locator_credit=True``: info["locator_credit"] holds the core's per-locator difference
+    rewards; the vector env's rows agree with B=1 envs on the same videos; 0 after a reset."""
+    B = 4
+    venv = VideoLocatorsVectorEnv(num_envs=B, **kwargs(h5, sampler="sweep", locator_credit=True))
+    _, info = venv.reset()
+    assert info["locator_credit"].shape == (B, 3) and not info["locator_credit"].any()
+    videos = venv.core.videos.tolist()
+    singles = [VideoLocatorsEnv(**kwargs(h5, locator_credit=True)) for _ in range(B)]
+    for s, v in zip(singles, videos, strict=True):
+        s.reset(options={"video": v})
+    actions = np.array([[1, 2, 3], [3, 0, 1], [2, 2, 2], [1, 1, 0]])
+    _, rew, _, _, info = venv.step(actions)
+    np.testing.assert_allclose(info["locator_credit"], venv.core.credit.numpy())
+    assert np.count_nonzero(info["locator_credit"]) > 0
+    for b, s in enumerate(singles):
+        _, r, _, _, single_info = s.step(actions[b])
+        np.testing.assert_allclose(single_info["locator_credit"], info["locator_credit"][b],
+                                   atol=1e-6)
+    assert "locator_credit" not in VideoLocatorsVectorEnv(num_envs=2, **kwargs(h5)).reset()[1]

@@ -161,3 +161,13 @@ def test_recognizer_checkpoint_and_mismatch(h5, tmp_path):
         make(h5, recognizer=rec, num_locators=2)
     with pytest.raises(FileNotFoundError):
         make(h5, recognizer=tmp_path / "missing.pt")
+
+
+def test_locator_credit_per_agent(h5):
+    env = make(h5, seed=0, locator_credit=True)
+    env.reset(seed=0)
+    _, rewards, _, _, infos = env.step({"locator_0": 2, "locator_1": 0, "locator_2": 1})
+    credit = env.core.credit[0].tolist()
+    assert [infos[f"locator_{i}"]["locator_credit"] for i in range(3)] == credit
+    assert credit[1] == 0.0 and credit[0] != 0.0
+    assert "locator_credit" not in make(h5, seed=0).reset(seed=0)[1]["locator_0"]

@@ -209,12 +209,16 @@ def test_resume_with_other_settings_is_refused(run_marl, full_run, tiny_dataset)
 
 def test_sac_overrides_reach_the_learner_and_bad_ones_stop_early(run_marl):
     args = run_marl.parse_args(["--sac", "n_step=3", "--sac", "actor_hidden=32,16",
-                                "--sac", "actor_lr=1e-5"])
+                                "--sac", "actor_lr=1e-5", "--sac", "difference_credit=0"])
     sac = run_marl.trainer_config(args, "photounits").sac_config()
     assert (sac.n_step, sac.actor_hidden, sac.actor_lr) == (3, (32, 16), 1e-5)
+    assert sac.difference_credit == 0
     assert sac.target_entropy_ratio == 0.2  # the budget's own override is kept
+    assert run_marl.trainer_config(run_marl.parse_args([]), "photounits").sac_config(
+        ).difference_credit == 0.5
     for bad, match in ((["--sac", "nstep=3"], None), (["--sac", "n_step=three"], None),
-                       (["--sac", "n_step=0"], "n_step")):
+                       (["--sac", "n_step=0"], "n_step"),
+                       (["--sac", "n_step=3"], "difference_credit > 0 needs n_step=1")):
         with pytest.raises(SystemExit) as info:
             run_marl.trainer_config(run_marl.parse_args(bad), "photounits")
         if match is not None:

@@ -168,6 +168,9 @@ class LocatorCore:
         frame_cost: lambda, reward penalty per newly observed frame.
         compute_rewards: compute ``P_t`` every step; False skips F_M until an episode ends
             (ViMo's inference), rewards then hold only the frame cost and ``p_gt`` is NaN.
+        locator_credit: also compute every locator's difference reward each step (``credit``
+            ``[B, N]``, :meth:`_difference_credit`; one more F_M pass, over one counterfactual
+            state per locator that observed), for learners that credit locators separately.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
         batch_size: B; ``None`` fixes it at the first full ``reset``.
     """
@@ -182,6 +185,7 @@ class LocatorCore:
         stride: int = 3,
         frame_cost: float = 0.1,
         compute_rewards: bool = True,
+        locator_credit: bool = False,
         device: str | torch.device = "auto",
         batch_size: int | None = None,
     ) -> None:
@@ -218,6 +222,9 @@ class LocatorCore:
         self.stride = int(stride)
         self.frame_cost = float(frame_cost)
         self.compute_rewards = bool(compute_rewards)
+        if locator_credit and not compute_rewards:
+            raise ValueError("locator_credit needs compute_rewards=True (it is a share of P_t)")
+        self.locator_credit = bool(locator_credit)
         self.hidden_dim = recognizer.embedding_dim
         self.obs_dim = self.hidden_dim + 3
         self.num_classes = cfg.num_classes
@@ -251,6 +258,7 @@ class LocatorCore:
         self.done = torch.ones(B, dtype=torch.bool, device=dev)
         self.active = torch.zeros(B, dtype=torch.bool, device=dev)
         self.p_gt = torch.full((B,), float("nan"), device=dev)
+        self.credit = torch.zeros(B, N, device=dev)
         self.trajectories = torch.full((B, N, self.max_moves + 1), -1, dtype=torch.long,
                                        device=dev)
         self.state = self.recognizer.initial_state(B, dev)
@@ -343,6 +351,7 @@ class LocatorCore:
             traj = torch.full((k, N, self.max_moves + 1), -1, dtype=torch.long, device=self.device)
             traj[:, :, 0] = start
             self.trajectories[sel] = traj
+            self.credit[sel] = 0.0
             feats = self.source.gather(videos.repeat_interleave(N), start.reshape(-1))
             feats = self._check_features(feats, k * N).reshape(k, N, -1)
             state = rec.observe(rec.initial_state(k, self.device), feats)
@@ -429,6 +438,9 @@ class LocatorCore:
                 p = self._gt_prob(probs, labels)
                 reward = p - self.p_gt[sel] - self.frame_cost * new_frames
                 self.p_gt[sel] = p
+                if self.locator_credit:
+                    self.credit[sel] = self._difference_credit(
+                        rec, self.state[sel], state, p, labels, moved)
             else:
                 reward = -self.frame_cost * new_frames.to(state.dtype)
             # trajectories: the new frame goes to slot n - 1 of each moving locator
@@ -449,6 +461,23 @@ class LocatorCore:
             finished = self._finish(rows, done, state, probs) if done.any() else None
         return self._view(CoreStep, rows, sel, reward=reward, new_frames=new_frames,
                           moved=moved, done=done, finished=finished)
+
+    def _difference_credit(self, rec: Recognizer, before: torch.Tensor, after: torch.Tensor,
+                           p: torch.Tensor, labels: torch.Tensor, moved: torch.Tensor
+                           ) -> torch.Tensor:
+        """Per-locator difference reward ``[K, N]``: the team reward minus the team reward had
+        locator i alone stopped instead, ``P_t - P_t(i's state unchanged) - lambda * moved_i``;
+        0 for locators that did not observe. One F_M pass over the counterfactual states of
+        the locators that observed."""
+        credit = torch.zeros_like(moved, dtype=p.dtype)
+        rows, who = moved.nonzero(as_tuple=True)  # only observers get a counterfactual
+        if len(rows):
+            counterfactual = after[rows].clone()  # [M, N, S]
+            pairs = torch.arange(len(rows), device=after.device)
+            counterfactual[pairs, who] = before[rows, who]
+            p_without = self._gt_prob(rec.probs(counterfactual), labels[rows])
+            credit[rows, who] = p[rows] - p_without - self.frame_cost
+        return credit
 
     @contextmanager
     def _inference(self) -> Iterator[Recognizer]:
@@ -594,10 +623,11 @@ def build_core(
     seed: int | None,
     compute_rewards: bool,
     batch_size: int,
+    locator_credit: bool = False,
 ) -> LocatorCore:
     """The engine behind every front-end, from the SPEC section 6 keywords."""
     source = load_source(features, split, device)
     rec = load_recognizer(recognizer, source, num_locators, seed)
     return LocatorCore(source, rec, num_locators=num_locators, max_moves=max_moves,
                        stride=stride, frame_cost=frame_cost, compute_rewards=compute_rewards,
-                       device=device, batch_size=batch_size)
+                       locator_credit=locator_credit, device=device, batch_size=batch_size)

@@ -52,8 +52,9 @@ def _single_spaces(core: LocatorCore) -> tuple[spaces.Dict, spaces.MultiDiscrete
 class VideoLocatorsEnv(gymnasium.Env):
     """Joint-control ViMo environment (one video per episode); see the module doc.
 
-    Keywords as :func:`vimo_env.parallel_env` (SPEC section 6) plus ``sampler`` and
-    ``compute_rewards``.
+    Keywords as :func:`vimo_env.parallel_env` (SPEC section 6) plus ``sampler``,
+    ``compute_rewards`` and ``locator_credit`` (adds ``info["locator_credit"]`` ``[N]``, as in
+    :class:`VideoLocatorsVectorEnv`).
     """
 
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
@@ -72,13 +73,14 @@ class VideoLocatorsEnv(gymnasium.Env):
         render_mode: str | None = None,
         sampler: str = "random",
         compute_rewards: bool = True,
+        locator_credit: bool = False,
     ) -> None:
         check_render_mode(render_mode)
         self.render_mode = render_mode
         self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
                                max_moves=max_moves, stride=stride, frame_cost=frame_cost,
                                device=device, seed=seed, compute_rewards=compute_rewards,
-                               batch_size=1)
+                               batch_size=1, locator_credit=locator_credit)
         self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
         self.observation_space, self.action_space = _single_spaces(self.core)
         self._return = 0.0
@@ -90,9 +92,12 @@ class VideoLocatorsEnv(gymnasium.Env):
 
     def _info(self) -> dict[str, Any]:
         core = self.core
-        return {"position": core.positions[0].cpu().numpy().copy(),
+        info = {"position": core.positions[0].cpu().numpy().copy(),
                 "frames": core.frames_observed[0].cpu().numpy().copy(),
                 "p_gt": float(core.p_gt[0])}
+        if core.locator_credit:
+            info["locator_credit"] = core.credit[0].cpu().numpy().copy()
+        return info
 
     def reset(self, *, seed: int | None = None, options: dict | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -152,6 +157,10 @@ class VideoLocatorsVectorEnv(VectorEnv):
     Same single spaces as :class:`VideoLocatorsEnv`; observations, rewards and flags are
     batched numpy arrays; autoreset mode ``NEXT_STEP``. Each finished row draws its next video
     from the sampler (``"random"`` seeded by ``seed``/``reset(seed=)``, or ``"sweep"``).
+    ``locator_credit=True`` adds ``info["locator_credit"]`` (float32 ``[B, N]``): each
+    locator's difference reward in the last step (the team reward minus the team reward had
+    that locator alone stopped; 0 for locators that did not observe and after a reset), the
+    per-locator credit CTDE learners can train on (``SACConfig.difference_credit``).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi", "rgb_array"],
@@ -172,6 +181,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         render_mode: str | None = None,
         sampler: str = "random",
         compute_rewards: bool = True,
+        locator_credit: bool = False,
     ) -> None:
         check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
@@ -179,7 +189,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
                                max_moves=max_moves, stride=stride, frame_cost=frame_cost,
                                device=device, seed=seed, compute_rewards=compute_rewards,
-                               batch_size=self.num_envs)
+                               batch_size=self.num_envs, locator_credit=locator_credit)
         self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
         self.single_observation_space, self.single_action_space = _single_spaces(self.core)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
@@ -197,9 +207,12 @@ class VideoLocatorsVectorEnv(VectorEnv):
 
     def _info(self) -> dict[str, Any]:
         core = self.core
-        return {"position": core.positions.cpu().numpy().copy(),
+        info = {"position": core.positions.cpu().numpy().copy(),
                 "frames": core.frames_observed.cpu().numpy().copy(),
                 "p_gt": core.p_gt.cpu().numpy().copy()}
+        if core.locator_credit:
+            info["locator_credit"] = core.credit.cpu().numpy().copy()
+        return info
 
     def reset(self, *, seed: int | None = None, options: dict | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

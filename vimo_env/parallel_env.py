@@ -55,7 +55,9 @@ class VideoLocatorsParallelEnv(ParallelEnv):
     Observations: float32 ``[h_i, n_i/(m+1), p_i/(T-1), t/m]``; ``state()``: all observations
     flattened plus alive flags (``state_space``). Rewards: the team reward
     ``(P_t - P_{t-1}) - lambda * N_t`` to every agent that acted. Infos: ``position``,
-    ``frames`` (n_i), ``p_gt`` (P_t) and, when the episode ends, ``episode`` (SPEC section 6,
+    ``frames`` (n_i), ``p_gt`` (P_t), with ``locator_credit=True`` ``locator_credit`` (this
+    agent's difference reward: the team reward minus the team reward had it alone stopped;
+    0 when it did not observe) and, when the episode ends, ``episode`` (SPEC section 6,
     plus ``trajectory``: this locator's observed frames). ``reset(options={"video": i})``
     picks a video; otherwise the sampler does (``"random"`` seeded by ``seed``, or
     ``"sweep"``: videos in order). Stepping after the end with actions raises; an empty
@@ -81,13 +83,14 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         render_mode: str | None = None,
         sampler: str = "random",
         compute_rewards: bool = True,
+        locator_credit: bool = False,
     ) -> None:
         check_render_mode(render_mode)
         self.render_mode = render_mode
         self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
                                max_moves=max_moves, stride=stride, frame_cost=frame_cost,
                                device=device, seed=seed, compute_rewards=compute_rewards,
-                               batch_size=1)
+                               batch_size=1, locator_credit=locator_credit)
         self.source = self.core.source
         self.sampler = VideoSampler(self.source.num_videos, sampler, seed)
         self.possible_agents = [f"locator_{i}" for i in range(num_locators)]
@@ -166,10 +169,13 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         pos = core.positions[0].tolist()
         frames = core.frames_observed[0].tolist()
         p_gt = float(core.p_gt[0])
+        credit = core.credit[0].tolist() if core.locator_credit else None
         infos = {}
         for a in agents:
             i = self._index[a]
             info = {"position": pos[i], "frames": frames[i], "p_gt": p_gt}
+            if credit is not None:
+                info["locator_credit"] = credit[i]
             if self._episode is not None:
                 info["episode"] = self._episode
                 info["trajectory"] = self._episode["trajectories"][i]
