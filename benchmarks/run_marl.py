@@ -109,7 +109,8 @@ BUDGETS: dict[str, dict] = {
                         transformer_ff_dim=64, forward_dim=64),
         sac=dict(actor_hidden=(64, 64), critic_hidden=(64, 64), num_envs=32,
                  collect_env_steps=128, epoch_env_steps=512, warmup_env_steps=128,
-                 batch_size=64, updates_per_env_step=0.05),
+                 batch_size=64, updates_per_env_step=0.05,
+                 difference_credit=0.5),  # as PhotoUnits: the tests run the credit path
     ),
     "default": {},
     # PhotoUnits: real pretrained (Lite0) features; Stage I at lr 1e-3 stays at chance on them
