@@ -157,13 +157,13 @@ class ThreeStageTrainer:
     def _env_factory(self, recognizer: Recognizer):
         c = self.config
         source = self.train_source
+        credit = c.sac_config().difference_credit > 0  # the learner reads info["locator_credit"]
 
         def factory(num_envs: int, seed: int) -> VideoLocatorsVectorEnv:
             return VideoLocatorsVectorEnv(
                 num_envs, features=source, recognizer=recognizer, split="train",
                 num_locators=c.num_locators, max_moves=c.max_moves, stride=c.stride,
-                frame_cost=c.frame_cost, device=c.device, seed=seed,
-                locator_credit=self.config.sac_config().difference_credit > 0)
+                frame_cost=c.frame_cost, device=c.device, seed=seed, locator_credit=credit)
 
         return factory
 
