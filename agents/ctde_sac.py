@@ -295,6 +295,10 @@ class CTDESAC(DiscreteSAC):
                                "buffer: build the env with locator_credit=True")
             credit = torch.as_tensor(np.asarray(info[CREDIT_INFO_KEY]), dtype=batch.returns.dtype,
                                      device=batch.returns.device)
+            if credit.shape != batch.returns.shape or not torch.isfinite(credit).all():
+                raise ValueError(f"info[{CREDIT_INFO_KEY!r}] must hold one finite value per "
+                                 f"locator, shape {tuple(batch.returns.shape)} for this batch; got "
+                                 f"shape {tuple(credit.shape)}")
             rew = torch.as_tensor(np.asarray(batch.rew), dtype=batch.returns.dtype,
                                   device=batch.returns.device)
             batch.returns = batch.returns + self.difference_credit * (credit - rew[:, None])

@@ -183,7 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "reductions, and so the exact figures, depend on it)")
     p.add_argument("--eval-batch-size", type=int, default=1024)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    return args
 
 
 def _sac_override(text: str) -> tuple[str, Any]:

@@ -356,5 +356,10 @@ def test_difference_credit_mixes_each_locators_credit_into_its_one_step_target()
         SACConfig(difference_credit=0.5, n_step=2)
     with pytest.raises(ValueError, match="difference_credit"):
         SACConfig(difference_credit=1.5)
+    for bad in (np.zeros((16, 1), np.float32), np.full((16, N), np.nan, np.float32)):
+        broken = copy.deepcopy(buf)
+        broken.info.locator_credit = bad
+        with pytest.raises(ValueError, match="one finite value per locator"):
+            algo._preprocess_batch(broken[indices], broken, indices)
     with pytest.raises(KeyError, match="locator_credit"):  # the toy env has no credit info
         train_sac(toy_factory, small_config(difference_credit=1.0), env_steps=64)

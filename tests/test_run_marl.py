@@ -242,6 +242,8 @@ def test_default_data_is_photounits_and_synthetic_needs_a_flag(run_marl):
     args = run_marl.parse_args([])
     assert args.dataset is None and args.preset is None and args.photounits == "default"
     assert run_marl.parse_args(["--preset", "tiny"]).preset == "tiny"
+    with pytest.raises(SystemExit):
+        run_marl.parse_args(["--threads", "0"])
     with pytest.raises(SystemExit):  # one data source at a time
         run_marl.parse_args(["--preset", "tiny", "--photounits", "tiny"])
 
