@@ -1,17 +1,32 @@
 """Stage I (ViMo section 3.3, Eq. 5): train the recognizer on random per-segment samples.
 
 Each locator views a random 25% of the frames of its segment ``[s_i, s_{i+1})`` (initial frame
-included, temporal order); F_T, F_M and the classifier learn with cross-entropy and Adam,
-batched over videos with padding and masks. Validation mAP and top-1 every epoch; the best
-checkpoint (by validation mAP) is kept. Training resumes after an interruption from
-``stage1_last.pt`` and a resumed run equals an uninterrupted one (same seed, CPU).
+included, temporal order); F_T, F_M and the classifier learn with cross-entropy, batched over
+videos with padding and masks.
 
-Learning rate: the paper uses 1e-5 with batch 8 on real, pretrained features; the synthetic
-datasets train from scratch in a few minutes with the default 1e-3 (batch 32) instead.
+One recipe for any ``vimo-features`` file, nothing tuned per dataset (docs/experiments.md has
+the measurements that chose it):
+
+* **Inputs normalized** by the train split's per-dimension mean and standard deviation, stored
+  in the recognizer (:meth:`Recognizer.set_input_normalization`) so the env, the live source
+  and every evaluation apply exactly the statistics it was trained with.
+* **AdamW** at a peak learning rate of 3e-4 with linear warm-up and cosine decay, gradient
+  clipping at 1, and a pre-norm transformer (``RecognizerConfig.norm_first``).
+* **A budget in gradient steps** that scales with the train split:
+  ``clip(epochs_target x steps per epoch, min_steps, max_steps)``, so 840 videos get as many
+  updates as 3,000 (more passes over fewer videos) and 50,000 videos do not take hours.
+* **Mixed sampling rates** (``rate_mix``): a share of the batches view a random 5-100% of each
+  segment instead of 25%, so the recognizer does not dilute when it later sees more frames
+  (all frames, uniform-50) than it was trained on.
+
+Validation mAP ``evaluations`` times during training; the best checkpoint (by validation mAP) is
+kept. Training resumes after an interruption from ``stage1_last.pt``, and a resumed run equals an
+uninterrupted one (same seed, CPU).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -25,29 +40,38 @@ from tqdm import tqdm
 from agents.selection import evaluate_selection, gather_padded, select_frames
 from features.atomic import torch_save_atomic
 from features.device import resolve_device
-from features.source import CachedFrameSource
+from features.source import CachedFrameSource, FrameSource
 from vimo_env.recognizer import Recognizer, RecognizerConfig
 
 LAST = "stage1_last.pt"
 BEST = "stage1_best.pt"
 # config fields that may differ between an interrupted run and its resumption
-_RESUMABLE_CHANGES = {"epochs", "device", "out_dir"}
+_RESUMABLE_CHANGES = {"device", "out_dir"}
 
 
 @dataclass
 class Stage1Config:
-    """Stage I hyper-parameters.
+    """Stage I hyper-parameters (defaults: one recipe for every dataset; see the module doc).
 
     ``recognizer`` holds :class:`RecognizerConfig` options other than ``feature_dim`` and
     ``num_classes`` (taken from the data) and ``num_locators`` (from this config), e.g.
     ``{"temporal": "lstm", "integration": "transformer", "hidden_dim": 256}``.
+    ``steps`` fixes the number of gradient steps; ``None`` derives it from the train split
+    (:meth:`budget`).
     """
 
-    epochs: int = 10
+    steps: int | None = None
+    epochs_target: float = 10.0
+    min_steps: int = 600
+    max_steps: int = 3000
     batch_size: int = 32
-    lr: float = 1e-3  # paper: 1e-5 at batch 8 on real features; see the module docstring
-    weight_decay: float = 0.0
+    lr: float = 3e-4  # peak; paper: 1e-5 at batch 8 (Adam, no schedule)
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.01
     grad_clip: float = 1.0
+    normalize_inputs: bool = True
+    rate_mix: float = 0.5  # share of batches at a random 5-100% sampling rate (0: paper)
+    evaluations: int = 10
     seed: int = 0
     num_locators: int = 3
     policy: str = "random-25"  # training frame selection (the paper's Stage I sampling)
@@ -58,17 +82,73 @@ class Stage1Config:
     final_split: str = "test"  # split of the final random-25 / all-frames evaluation
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_locators", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"Stage1Config.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"Stage1Config.lr must be > 0, got {self.lr}")
+        for name in ("batch_size", "num_locators", "eval_batch_size", "evaluations",
+                     "min_steps", "max_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Stage1Config.{name} must be an integer >= 1, got {value!r}")
+        if self.steps is not None and (isinstance(self.steps, bool)
+                                       or not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"Stage1Config.steps must be None or an integer >= 1, "
+                             f"got {self.steps!r}")
+        if self.min_steps > self.max_steps:
+            raise ValueError("Stage1Config.min_steps must be <= max_steps")
+        if not self.lr >= 0 or not self.epochs_target > 0:
+            raise ValueError(f"Stage1Config.lr must be >= 0 and epochs_target > 0, got "
+                             f"{self.lr}, {self.epochs_target}")
+        if not 0 <= self.rate_mix <= 1 or not 0 <= self.warmup_fraction < 1:
+            raise ValueError("Stage1Config.rate_mix must be in [0, 1] and warmup_fraction in "
+                             "[0, 1)")
         known = {f.name for f in fields(RecognizerConfig)} - {"feature_dim", "num_classes",
                                                                "num_locators"}
         unknown = set(self.recognizer) - known
         if unknown:
             raise ValueError(f"Stage1Config.recognizer: unknown options {sorted(unknown)}; "
                              f"expected some of {sorted(known)}")
+
+    def budget(self, num_train_videos: int) -> int:
+        """Gradient steps for a train split of this many videos."""
+        if self.steps is not None:
+            return self.steps
+        per_epoch = math.ceil(num_train_videos / self.batch_size)
+        return int(min(max(self.epochs_target * per_epoch, self.min_steps), self.max_steps))
+
+
+def frame_statistics(source: FrameSource, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of every frame of a cached source (float64
+    accumulation, chunked: no copy of the split in float64)."""
+    flat = getattr(source, "flat", None)
+    if flat is None:
+        raise TypeError("frame_statistics needs a cached source (with a .flat tensor)")
+    total = torch.zeros(flat.shape[1], dtype=torch.float64)
+    square = torch.zeros_like(total)
+    for lo in range(0, flat.shape[0], chunk):
+        block = flat[lo: lo + chunk].to("cpu", torch.float64)
+        total += block.sum(0)
+        square += block.square().sum(0)
+    n = flat.shape[0]
+    mean = total / n
+    var = (square / n - mean.square()).clamp(min=0)
+    return mean.float(), var.sqrt().float()
+
+
+def learning_rate_factor(step: int, total: int, warmup_fraction: float) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 over the remaining steps."""
+    warmup = max(1, int(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _training_selection(lengths: np.ndarray, config: Stage1Config, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """The frames of one training batch: the paper's policy, or (``rate_mix`` of the batches)
+    a random rate drawn log-uniformly in 5-100%, so every length of sequence is trained on."""
+    if config.rate_mix > 0 and rng.random() < config.rate_mix:
+        percent = int(round(math.exp(rng.uniform(math.log(5), math.log(100)))))
+        return select_frames(lengths, config.num_locators, f"random-{percent}", rng)
+    return select_frames(lengths, config.num_locators, config.policy, rng)
 
 
 def _json_safe(result: dict) -> dict:
@@ -85,12 +165,14 @@ def train_stage1(
 
     Returns the best recognizer (by validation mAP) and the history::
 
-        {"epochs": [{"epoch", "loss", "train_top1", "val_mAP", "val_top1", "time_s"}, ...],
-         "best_epoch": int, "best_val_mAP": float,
+        {"steps": int, "evaluations": [{"step", "loss", "train_top1", "val_mAP", "val_top1",
+                                        "time_s"}, ...],
+         "best_step": int, "best_val_mAP": float,
          "final": {"split": str, "random-25": {...}, "all": {...}}}   # metrics, no scores
 
-    With ``out_dir`` set, ``stage1_last.pt`` (model, optimizer, RNG states, epoch, history) is
-    written atomically after every epoch and ``stage1_best.pt`` (``Recognizer.save``) whenever
+    ``loss`` and ``train_top1`` are means over the steps since the previous evaluation. With
+    ``out_dir`` set, ``stage1_last.pt`` (model, optimizer, RNG states, batch order, history) is
+    written atomically at every evaluation and ``stage1_best.pt`` (``Recognizer.save``) whenever
     validation mAP improves. ``resume=True`` continues from ``stage1_last.pt``.
     """
     config = config or Stage1Config()
@@ -104,11 +186,22 @@ def train_stage1(
     rec_config = RecognizerConfig(feature_dim=train.feature_dim, num_classes=train.num_classes,
                                   num_locators=config.num_locators, **config.recognizer)
     model = Recognizer(rec_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,
-                                 weight_decay=config.weight_decay)
+    model.dataset = {"source": str(features_path), "class_names": list(train.class_names),
+                     "backbone": getattr(train.store, "backbone", None)}
+    if config.normalize_inputs:
+        model.set_input_normalization(*frame_statistics(train))
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():  # no weight decay on biases and norms
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
+                                  fused=device.type in ("cpu", "cuda"))
+    V = train.num_videos
+    total_steps = config.budget(V)
     rng = np.random.default_rng(config.seed)
-    history: dict = {"epochs": [], "best_epoch": -1, "best_val_mAP": -1.0}
-    start_epoch = 0
+    history: dict = {"steps": total_steps, "evaluations": [], "best_step": -1,
+                     "best_val_mAP": -1.0}
+    order, cursor, start_step = rng.permutation(V), 0, 0
 
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if out_dir is not None:
@@ -131,53 +224,63 @@ def train_stage1(
             optimizer.load_state_dict(ckpt["optimizer"])
             rng.bit_generator.state = ckpt["numpy_rng"]
             torch.set_rng_state(ckpt["torch_rng"])
-            history = ckpt["history"]
-            start_epoch = int(ckpt["epoch"]) + 1
+            history, order, cursor = ckpt["history"], ckpt["order"], int(ckpt["cursor"])
+            start_step = int(ckpt["step"])
 
     labels = torch.as_tensor(train.labels, device=device)
-    V = train.num_videos
-    bar = tqdm(range(start_epoch, config.epochs), desc="stage I", unit="epoch",
-               disable=not progress, initial=start_epoch, total=config.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
-        order = rng.permutation(V)
-        total_loss, correct = 0.0, 0
-        for lo in range(0, V, config.batch_size):
-            batch = order[lo : lo + config.batch_size]
-            frame_index, mask = select_frames(train.lengths[batch], config.num_locators,
-                                              config.policy, rng)
-            frames = gather_padded(train, batch, frame_index)
-            logits = model(frames, torch.as_tensor(mask, device=device))
-            target = labels[torch.as_tensor(batch, device=device)]
-            loss = F.cross_entropy(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            total_loss += loss.item() * len(batch)
-            correct += int((logits.argmax(-1) == target).sum())
+    every = max(1, math.ceil(total_steps / config.evaluations))
+    bar = tqdm(total=total_steps, initial=start_step, desc="stage I", unit="step",
+               disable=not progress, mininterval=1.0)
+    sum_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    model.train()
+    for step in range(start_step, total_steps):
+        if cursor >= V:  # a new pass over the train split
+            order, cursor = rng.permutation(V), 0
+        batch = order[cursor: cursor + config.batch_size]
+        cursor += len(batch)
+        frame_index, mask = _training_selection(train.lengths[batch], config, rng)
+        frames = gather_padded(train, batch, frame_index)
+        logits = model(frames, torch.as_tensor(mask, device=device))
+        target = labels[torch.as_tensor(batch, device=device)]
+        loss = F.cross_entropy(logits, target)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * learning_rate_factor(step, total_steps,
+                                                           config.warmup_fraction)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        sum_loss += loss.item() * len(batch)
+        correct += int((logits.argmax(-1) == target).sum())
+        seen += len(batch)
+        bar.update(1)
+        if (step + 1) % every and step + 1 != total_steps:
+            continue
         # validation draws from its own generator: it never shifts the training stream
         result = evaluate_selection(model, val, config.policy, config.eval_batch_size,
                                     seed=config.seed)
-        record = {"epoch": epoch, "loss": total_loss / V, "train_top1": 100.0 * correct / V,
-                  "val_mAP": result["mAP"], "val_top1": result["top1"],
-                  "time_s": time.perf_counter() - t0}
-        history["epochs"].append(record)
+        model.train()
+        record = {"step": step + 1, "loss": sum_loss / max(seen, 1),
+                  "train_top1": 100.0 * correct / max(seen, 1), "val_mAP": result["mAP"],
+                  "val_top1": result["top1"], "time_s": time.perf_counter() - t0}
+        sum_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        history["evaluations"].append(record)
         if record["val_mAP"] > history["best_val_mAP"]:
-            history["best_val_mAP"], history["best_epoch"] = record["val_mAP"], epoch
+            history["best_val_mAP"], history["best_step"] = record["val_mAP"], step + 1
             if out_dir is not None:
                 model.save(out_dir / BEST)
             else:
                 history["_best_state"] = {k: v.clone() for k, v in model.state_dict().items()}
         if out_dir is not None:
-            torch_save_atomic({"config": asdict(config), "epoch": epoch,
+            torch_save_atomic({"config": asdict(config), "step": step + 1,
                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "numpy_rng": rng.bit_generator.state,
-                               "torch_rng": torch.get_rng_state(), "history": history},
+                               "torch_rng": torch.get_rng_state(), "order": order,
+                               "cursor": cursor, "history": history},
                               out_dir / LAST)
         bar.set_postfix(loss=f"{record['loss']:.3f}", val_mAP=f"{record['val_mAP']:.1f}")
+    bar.close()
 
     # the best recognizer, evaluated with the training sampling and with all frames
     if out_dir is not None and (out_dir / BEST).exists():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ from agents.ctde_sac import CTDESAC, SACConfig, build_ctde_sac, load_checkpoint,
 from agents.evaluate import evaluate_policy
 from agents.metrics import mean_true_class_probability
 from agents.policies import CTDEActorPolicy
-from agents.selection import gather_padded
+from agents.probe import linear_probe, stage1_health
+from agents.selection import evaluate_selection, gather_padded
 from agents.stage1 import BEST as STAGE1_BEST
 from agents.stage1 import Stage1Config, train_stage1
 from features.atomic import torch_save_atomic, write_text_atomic
@@ -57,35 +59,42 @@ SELECTION_METRICS = ("p_gt", "mAP")
 
 @dataclass
 class TrainerConfig:
-    """Everything the three stages need (defaults: tuned on the synthetic ``default`` preset).
+    """Everything the three stages need. The defaults are one recipe for every dataset: nothing
+    is chosen by a dataset's name (docs/experiments.md has the measurements behind them).
 
     ``recognizer``: RecognizerConfig options (``temporal``, ``integration``, ...). ``sac``:
-    SACConfig overrides. ``frame_cost`` is lambda of Eq. 6.
+    SACConfig overrides. ``frame_cost`` is lambda of Eq. 6; ``None`` (the default) derives it
+    from the data after Stage I (:func:`frame_cost_rule`).
     """
 
     num_locators: int = 3
     max_moves: int = 4
     stride: int = 3
-    frame_cost: float = 0.005  # measured: 0.02 stops too early on our data (see report)
+    frame_cost: float | None = None
+    frame_cost_fraction: float = 0.1  # kappa of frame_cost_rule
     seed: int = 0
     device: str = "cpu"
     recognizer: dict = field(default_factory=dict)
-    # Stage I
-    stage1_epochs: int = 6
-    stage1_lr: float = 1e-3
+    # Stage I (agents.stage1: a budget in gradient steps derived from the train split)
+    stage1_steps: int | None = None
+    stage1_lr: float = 3e-4
     stage1_batch_size: int = 32
+    # the self-check after Stage I: Stage I's val mAP must reach this fraction of the linear
+    # probe's; below it the run stops before SAC unless allow_unhealthy_stage1
+    stage1_health_fraction: float = 0.9
+    allow_unhealthy_stage1: bool = False
     # Stage II
-    stage2_env_steps: int = 16_000
+    stage2_env_steps: int = 32_000
     sac: dict = field(default_factory=dict)
     # Stage III
     stage3_rounds: int = 2
     finetune_epochs: int = 2  # K: recognizer epochs before switching back to SAC
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 64
-    stage3_env_steps: int = 6_000  # SAC env steps per round
+    stage3_env_steps: int = 10_000  # SAC env steps per round
     # each round's SAC first fits only the critics to the fine-tuned recognizer's observations
     # and rewards for this many gradient steps (SACConfig.critic_warmup_gradient_steps)
-    stage3_critic_warmup: int = 0
+    stage3_critic_warmup: int = 200
     rollout_batch_size: int = 1024
     # keep, in each SAC part, the policy with the best val score (scored every SAC epoch)
     select_on_val: bool = True
@@ -93,8 +102,12 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_locators", "max_moves", "stride", "finetune_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainerConfig.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainerConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.frame_cost is not None and not self.frame_cost >= 0:
+            raise ValueError(f"TrainerConfig.frame_cost must be None or >= 0, got "
+                             f"{self.frame_cost}")
         if self.selection_metric not in SELECTION_METRICS:
             raise ValueError(f"TrainerConfig.selection_metric must be one of {SELECTION_METRICS}, "
                              f"got {self.selection_metric!r}")
@@ -105,9 +118,9 @@ class TrainerConfig:
         values: dict[str, Any] = dict(
             actor_hidden=(256, 256), critic_hidden=(256, 256), actor_lr=3e-4, critic_lr=1e-3,
             alpha_lr=1e-3, batch_size=128, tau=0.02, gamma=0.99, n_step=1,
-            target_entropy_ratio=0.3, init_alpha=0.02, num_envs=128, collect_env_steps=256,
-            updates_per_env_step=0.05, epoch_env_steps=4096, warmup_env_steps=1024,
-            buffer_size=50_000,
+            target_entropy_ratio=0.2, init_alpha=0.02, num_envs=128, collect_env_steps=256,
+            updates_per_env_step=0.15, epoch_env_steps=4096, warmup_env_steps=1024,
+            buffer_size=50_000, difference_credit=0.5,
         )
         values.update(self.sac)
         values.update(overrides)
@@ -143,6 +156,8 @@ class ThreeStageTrainer:
         self.train_source = source_for(self.path, "train", config.device)
         self._val_source: FrameSource | None = None  # read on first use
         self._logger = None
+        self.frame_cost = config.frame_cost  # lambda; resolved by stage1() when None
+        self.phase_times: dict[str, float] = {}  # wall seconds of what run() ran
 
     # ------------------------------------------------------------ helpers
     @property
@@ -163,7 +178,7 @@ class ThreeStageTrainer:
             return VideoLocatorsVectorEnv(
                 num_envs, features=source, recognizer=recognizer, split="train",
                 num_locators=c.num_locators, max_moves=c.max_moves, stride=c.stride,
-                frame_cost=c.frame_cost, device=c.device, seed=seed, locator_credit=credit)
+                frame_cost=self.frame_cost, device=c.device, seed=seed, locator_credit=credit)
 
         return factory
 
@@ -224,21 +239,68 @@ class ThreeStageTrainer:
 
     # ------------------------------------------------------------ stages
     def stage1(self, resume: bool) -> StageArtifacts:
+        """Stage I, then the linear probe, the self-check and lambda (all in ``done.json``).
+
+        Raises :class:`Stage1Unhealthy` when Stage I's val mAP is below
+        ``stage1_health_fraction`` of the probe's and ``allow_unhealthy_stage1`` is off: the SAC
+        budget is not spent on a broken recognizer. ``done.json`` is written first, so
+        ``--resume`` with the override continues from there.
+        """
         c = self.config
         part = self.out / "stage1"
         done = part / "done.json"
         if not (resume and done.is_file()):
-            cfg = Stage1Config(epochs=c.stage1_epochs, batch_size=c.stage1_batch_size,
+            t0 = time.perf_counter()
+            cfg = Stage1Config(steps=c.stage1_steps, batch_size=c.stage1_batch_size,
                                lr=c.stage1_lr, seed=c.seed, num_locators=c.num_locators,
                                recognizer=dict(c.recognizer), device=c.device,
                                out_dir=str(part), final_split="val")
-            _, history = train_stage1(self.path, cfg, resume=resume, progress=self.progress)
-            for record in history["epochs"]:
-                self.logger.write("stage1/epoch", int(record["epoch"]),
+            recognizer, history = train_stage1(self.path, cfg, resume=resume,
+                                               progress=self.progress)
+            for record in history["evaluations"]:
+                self.logger.write("stage1/step", int(record["step"]),
                                   {"loss": record["loss"], "val_mAP": record["val_mAP"]})
+            history["wall_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            probe = linear_probe(self.train_source, {"val": self.val_source,
+                                                     "test": source_for(self.path, "test",
+                                                                        c.device)},
+                                 num_locators=c.num_locators, seed=c.seed)
+            history["probe"] = probe
+            history["health"] = stage1_health(history["best_val_mAP"], probe["val"]["mAP"],
+                                              self.train_source.num_classes,
+                                              c.stage1_health_fraction)
+            history["frame_cost"] = self._frame_cost(recognizer.eval())
+            history["calibration_wall_s"] = time.perf_counter() - t0
             _write_json_atomic({k: v for k, v in history.items() if k != "final"}, done)
-        return StageArtifacts("I", part / STAGE1_BEST, None,
-                              json.loads(done.read_text()))
+        record = json.loads(done.read_text())
+        self.frame_cost = float(record["frame_cost"]["value"])
+        health = record["health"]
+        if not health["healthy"] and not c.allow_unhealthy_stage1:
+            raise Stage1Unhealthy(
+                f"Stage I recognizer: val mAP {record['best_val_mAP']:.1f} is "
+                f"{100 * health['ratio']:.0f}% of the linear probe's "
+                f"{record['probe']['val']['mAP']:.1f} (needs "
+                f"{100 * c.stage1_health_fraction:.0f}%; chance {health['chance_mAP']:.1f}). "
+                f"{health['diagnosis']} Stopping before Stage II; rerun with "
+                "--allow-unhealthy-stage1 --resume to continue anyway.")
+        return StageArtifacts("I", part / STAGE1_BEST, None, record)
+
+    def _frame_cost(self, recognizer: Recognizer) -> dict:
+        """lambda: the configured value, or :func:`frame_cost_rule` on the val split."""
+        c = self.config
+        if c.frame_cost is not None:
+            return {"value": float(c.frame_cost), "rule": "given"}
+        points = {}
+        for name in ("initial", "uniform-25"):
+            result = evaluate_selection(recognizer, self.val_source, name,
+                                        batch_size=c.rollout_batch_size, seed=c.seed)
+            points[name] = (mean_true_class_probability(result["scores"],
+                                                        self.val_source.labels),
+                            result["frames_per_video"])
+        value = frame_cost_rule(points["initial"], points["uniform-25"], c.frame_cost_fraction)
+        return {"value": value, "rule": f"{c.frame_cost_fraction} x val gain per frame of "
+                "uniform-25 over initial", "points": points}
 
     def stage2(self, stage1: StageArtifacts, resume: bool) -> StageArtifacts:
         recognizer = Recognizer.load(stage1.recognizer, map_location=self.config.device)
@@ -341,6 +403,13 @@ class ThreeStageTrainer:
             algorithm = self.load_algorithm(recognizer, sac_path)
         return StageArtifacts("III", rec_path, sac_path)
 
+    def _timed(self, name: str, fn: Any, *args: Any) -> StageArtifacts:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.phase_times[name] = time.perf_counter() - t0
+
     def run(self, resume: bool = False, stop_after: str | None = None) -> list[StageArtifacts]:
         """All stages (or up to ``stop_after`` in {"I", "II"}); returns each stage's artifacts."""
         if stop_after not in (None, "I", "II", "III"):
@@ -351,13 +420,14 @@ class ThreeStageTrainer:
         if resume and settings_file.is_file():
             _check_same_settings(json.loads(settings_file.read_text()), settings, settings_file)
         _write_json_atomic(settings, settings_file)
-        stages = [self.stage1(resume)]
+        self.phase_times = {}
+        stages = [self._timed("stage1", self.stage1, resume)]
         if stop_after == "I":
             return stages
-        stages.append(self.stage2(stages[0], resume))
+        stages.append(self._timed("stage2", self.stage2, stages[0], resume))
         if stop_after == "II":
             return stages
-        stages.append(self.stage3(stages[1], resume))
+        stages.append(self._timed("stage3", self.stage3, stages[1], resume))
         for buffer in self.out.rglob("buffer.h5"):  # nothing is left to resume
             buffer.unlink()
         return stages
@@ -367,10 +437,35 @@ class SettingsMismatch(ValueError):
     """A resume asked for other settings than the run it would continue."""
 
 
+class Stage1Unhealthy(RuntimeError):
+    """The Stage I recognizer is far below the linear probe: training stopped before SAC."""
+
+
+def frame_cost_rule(initial: tuple[float, float], uniform: tuple[float, float],
+                    fraction: float = 0.1) -> float:
+    """lambda of Eq. 6 from the data: ``fraction`` of the mean gain in P(true class) per frame
+    that uniform sampling buys over the initial frames alone.
+
+    Args:
+        initial, uniform: ``(mean final P(true class), frames per video)`` of the Stage I
+            recognizer on the val split with the initial frames only and with uniform-25.
+        fraction: kappa; a frame is worth observing when it is expected to gain more than
+            kappa times what an average uniformly placed frame gains.
+
+    The reward trades P (in [0, 1]) against frames; the same lambda means little on a dataset
+    where frames are worth ten times more or less, so it is expressed in the data's own gain
+    per frame. On PhotoUnits this gives ~0.002, the value tuned there by hand before.
+    """
+    (p0, f0), (p1, f1) = initial, uniform
+    if f1 <= f0:
+        return 0.0
+    return float(max(fraction * (p1 - p0) / (f1 - f0), 0.0))
+
+
 def _check_same_settings(saved: dict, current: dict, path: Path) -> None:
     """A resume must continue the run it resumes: the same data and the same settings (the
     device may change). Mixing settings would silently give a run that no config describes."""
-    ignore = {"device"}
+    ignore = {"device", "allow_unhealthy_stage1"}
     old, new = saved.get("config", {}), current["config"]
     changed = sorted(k for k in old.keys() | new.keys()
                      if k not in ignore and old.get(k) != new.get(k))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -39,24 +38,9 @@ sys.path.insert(0, str(ROOT))
 import gymnasium  # noqa: E402
 
 import vimo_env  # noqa: E402, F401 - registers VideoLocators-v0
+from benchmarks.machine import dense_matmul_gflops, peak_rss_gb  # noqa: E402
 from features.source import CachedFrameSource  # noqa: E402
 from vimo_env.core import load_recognizer  # noqa: E402
-
-
-def dense_matmul_gflops(size: int = 2048, reps: int = 6) -> float:
-    """Best-of GFLOP/s of a ``size x size`` fp32 matmul (2 size^3 FLOPs)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
 def bench_pettingzoo(source, recognizer, seconds: float, seed: int) -> dict:

@@ -89,10 +89,12 @@ from agents.policies import CTDEActorPolicy  # noqa: E402
 from agents.trainer import (  # noqa: E402
     SELECTION_METRICS,
     SettingsMismatch,
+    Stage1Unhealthy,
     ThreeStageTrainer,
     TrainerConfig,
     source_for,
 )
+from benchmarks.machine import dense_matmul_gflops, peak_rss_gb  # noqa: E402
 from features.atomic import atomic_path, write_text_atomic  # noqa: E402
 from features.photounits import PRESETS as PHOTOUNITS_PRESETS  # noqa: E402
 from features.photounits import ensure_dataset  # noqa: E402
@@ -100,35 +102,20 @@ from features.synthetic import PRESETS  # noqa: E402
 from features.synthetic import ensure_dataset as ensure_synthetic  # noqa: E402
 from vimo_env.recognizer import INTEGRATION_VARIANTS, TEMPORAL_VARIANTS, Recognizer  # noqa: E402
 
-# Training budgets per preset (the dataset preset also picks them when --dataset is given).
+# Training budgets. "default" is the one recipe for every dataset (agents.trainer.TrainerConfig;
+# Stage I's budget in gradient steps follows the train split, lambda follows the data); "tiny"
+# only shrinks networks and step counts for tests and smoke runs. No dataset has its own budget.
 BUDGETS: dict[str, dict] = {
+    "default": {},
     "tiny": dict(
-        stage1_epochs=2, stage2_env_steps=1024, stage3_rounds=1, finetune_epochs=1,
+        stage1_steps=300, stage2_env_steps=1024, stage3_rounds=1, finetune_epochs=1,
         stage3_env_steps=512, rollout_batch_size=256, stage3_critic_warmup=8,
         recognizer=dict(hidden_dim=32, transformer_layers=1, transformer_dim=32,
                         transformer_ff_dim=64, forward_dim=64),
         sac=dict(actor_hidden=(64, 64), critic_hidden=(64, 64), num_envs=32,
                  collect_env_steps=128, epoch_env_steps=512, warmup_env_steps=128,
-                 batch_size=64, updates_per_env_step=0.05,
-                 difference_credit=0.5),  # as PhotoUnits: the tests run the credit path
+                 batch_size=64, updates_per_env_step=0.05),
     ),
-    "default": {},
-    # PhotoUnits: real pretrained (Lite0) features; Stage I at lr 1e-3 stays at chance on them
-    # (measured: loss ln 16 for 5 epochs), 1e-4 learns in one epoch
-    "photounits": dict(stage1_epochs=5, stage1_lr=1e-4, stage2_env_steps=32_000,
-                       stage3_env_steps=10_000, frame_cost=0.002,
-                       # a sharper policy than the default 0.3: final adaptive test mAP 95.9 at
-                       # 0.2 vs 94.3 at 0.1 (Stage II alone: 92.4 at 0.3, 93.5, 94.4), measured
-                       # before val selection; with it, 0.1 gave 93.1 and 0.2 gave 96.2
-                       # 3x updates and selection on val P(true class): mean adaptive test mAP
-                       # over seeds 0-2 95.6 (95.2 / 96.3 / 95.2) against 94.8 with 0.05
-                       # updates, no warm-up and selection on val mAP (94.3 / 94.8 / 95.4);
-                       # difference_credit 0.5 (see "Per-locator credit" above): 96.1 / 95.7 /
-                       # 95.0 against uniform-50's 95.4 / 95.1 / 93.7
-                       sac=dict(target_entropy_ratio=0.2, updates_per_env_step=0.15,
-                                difference_credit=0.5),
-                       stage3_critic_warmup=200),
-    "large": dict(stage1_epochs=4, stage2_env_steps=32_000),
 }
 
 
@@ -144,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PhotoUnits build seed (the benchmark dataset; --seed is the training "
                         "seed)")
     p.add_argument("--budget", default=None, choices=sorted(BUDGETS),
-                   help="training budget (default: the preset's; 'default' with --dataset)")
+                   help="'default' (one recipe for every dataset) or 'tiny' (small networks and "
+                        "step counts for smoke tests; the default for the tiny presets)")
     p.add_argument("--data-dir", default="data", help="where generated datasets are cached")
     p.add_argument("--out", default="results/marl")
     p.add_argument("--seed", type=int, default=0)
@@ -152,10 +140,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-moves", "-m", type=int, default=4)
     p.add_argument("--stride", "--delta", type=int, default=3)
     p.add_argument("--lambda", dest="frame_cost", type=float, default=None,
-                   help=f"reward cost per frame (default {TrainerConfig.frame_cost})")
+                   help="reward cost per frame (default: derived from the data after Stage I, "
+                        f"{TrainerConfig.frame_cost_fraction} x the val gain in P(true class) "
+                        "per frame of uniform-25 over initial; see agents.trainer."
+                        "frame_cost_rule)")
     p.add_argument("--temporal", choices=TEMPORAL_VARIANTS, default=None, help="F_T variant")
     p.add_argument("--integration", choices=INTEGRATION_VARIANTS, default=None, help="F_M variant")
-    p.add_argument("--stage1-epochs", type=int, default=None)
+    p.add_argument("--stage1-steps", type=int, default=None,
+                   help="Stage I gradient steps (default: derived from the train split's size)")
+    p.add_argument("--allow-unhealthy-stage1", action="store_true",
+                   help="go on to Stage II even when Stage I is far below the linear probe")
     p.add_argument("--stage2-steps", type=int, default=None, help="SAC env steps in Stage II")
     p.add_argument("--stage3-rounds", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None,
@@ -214,11 +208,12 @@ def trainer_config(args: argparse.Namespace, budget: str) -> TrainerConfig:
         recognizer["temporal"] = args.temporal
     if args.integration:
         recognizer["integration"] = args.integration
-    overrides = {"stage1_epochs": args.stage1_epochs, "stage2_env_steps": args.stage2_steps,
+    overrides = {"stage1_steps": args.stage1_steps, "stage2_env_steps": args.stage2_steps,
                  "stage3_rounds": args.stage3_rounds, "finetune_epochs": args.finetune_epochs,
                  "stage3_env_steps": args.stage3_steps, "frame_cost": args.frame_cost,
                  "stage3_critic_warmup": args.stage3_critic_warmup,
-                 "selection_metric": args.selection_metric}
+                 "selection_metric": args.selection_metric,
+                 "allow_unhealthy_stage1": args.allow_unhealthy_stage1 or None}
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         config = TrainerConfig(num_locators=args.num_locators, max_moves=args.max_moves,
@@ -319,11 +314,10 @@ def dataset_path(args: argparse.Namespace) -> tuple[Path, str]:
     if args.preset is None:  # the default: PhotoUnits (real photos through Lite0)
         path = ensure_dataset(args.data_dir, args.photounits, args.data_seed,
                               progress=not args.no_progress)
-        budget = "tiny" if args.photounits == "tiny" else "photounits"
-        return path, args.budget or budget
+        return path, args.budget or ("tiny" if args.photounits == "tiny" else "default")
     path = ensure_synthetic(args.data_dir, args.preset, args.data_seed,
                             progress=not args.no_progress)
-    return path, args.budget or args.preset
+    return path, args.budget or ("tiny" if args.preset == "tiny" else "default")
 
 
 def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> dict:
@@ -333,21 +327,50 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
         stages = trainer.run(resume=args.resume, stop_after=args.stop_after)
     except SettingsMismatch as err:
         raise SystemExit(str(err)) from None
+    except Stage1Unhealthy as err:
+        banner = "!" * 100
+        raise SystemExit(f"{banner}\nrun_marl.py: {err}\n{banner}") from None
+    t0 = time.perf_counter()
     rows, stage_rows, extra = evaluate_run(path, trainer, stages, config, args.eval_batch_size,
                                            not args.no_progress)
-    return {"config": asdict(config), "rows": rows, "stages": stage_rows, "extra": extra}
+    phases = {**trainer.phase_times, "evaluation": time.perf_counter() - t0}
+    stage1 = stages[0].history
+    probe = stage1["probe"]["test"]
+    rows.append(EvalResult(name="probe", mAP=probe["mAP"], top1=probe["top1"],
+                           frame_rate=probe["frame_rate"],
+                           frames_per_video=probe["frames_per_video"],
+                           gflops_per_video=probe["gflops_per_video"],
+                           flops_unit=rows[0].flops_unit))
+    extra["probe"] = stage1["probe"]
+    extra["stage1_health"] = {**stage1["health"], "stage1_val_mAP": stage1["best_val_mAP"],
+                              "probe_val_mAP": stage1["probe"]["val"]["mAP"]}
+    extra["frame_cost"] = stage1["frame_cost"]
+    extra["stage1_steps"] = stage1["steps"]
+    return {"config": asdict(config), "rows": rows, "stages": stage_rows, "extra": extra,
+            "phases": phases}
 
 
-def print_tables(command: str, result: dict, dataset: str, unit: str, wall: float) -> str:
+def print_tables(command: str, result: dict, dataset: str, unit: str, wall: float,
+                 machine: dict) -> str:
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in machine["phases"].items())
     lines = [f"$ {command}", f"dataset: {dataset}   GFLOPs counted as {unit} "
-             f"(1 MAC = 2 FLOPs)   wall time {wall:.0f} s", "",
+             f"(1 MAC = 2 FLOPs)   wall time {wall:.0f} s ({phases}); this machine: "
+             f"{machine['matmul_gflops']:.0f} GFLOP/s fp32 matmul with {machine['threads']} "
+             f"threads, peak RSS {machine['peak_rss_gb']:.1f} GB", "",
              "Table 2 - localizing strategy (test split, final recognizer)",
              f"{'strategy':<12} {'frame rate %':>12} {'frames/video':>12} {'mAP %':>8} "
              f"{'top1 %':>8} {'GFLOPs':>9}"]
     for r in result["rows"]:
         lines.append(f"{r.name:<12} {r.frame_rate:>12.1f} {r.frames_per_video:>12.1f} "
                      f"{r.mAP:>8.1f} {r.top1:>8.1f} {r.gflops_per_video:>9.1f}")
-    lines += ["", f"open-loop schedule (best on val): {result['extra']['open_loop_schedule']}",
+    health = result["extra"]["stage1_health"]
+    lam = result["extra"]["frame_cost"]
+    lines += ["", f"probe = scikit-learn logistic regression on mean-pooled uniform-25 frames "
+              f"(fit on train); Stage I self-check (val): Stage I {health['stage1_val_mAP']:.1f}"
+              f" vs probe {health['probe_val_mAP']:.1f} mAP = {100 * health['ratio']:.0f}% "
+              f"({'healthy' if health['healthy'] else 'UNHEALTHY: ' + health['diagnosis']})",
+              f"lambda = {lam['value']:.5f} ({lam['rule']})",
+              f"open-loop schedule (best on val): {result['extra']['open_loop_schedule']}",
               "", "Table 5 - after each training stage (test split)",
               f"{'stage':<6} {'policy':<10} {'frame rate %':>12} {'mAP %':>8} {'GFLOPs':>9} "
               f"{'improves':>9}"]
@@ -440,10 +463,13 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     t0 = time.perf_counter()
     out = Path(args.out)
     path, budget = dataset_path(args)
+    data_s = time.perf_counter() - t0
     result = run_once(args, path, budget, out)
     unit = result["rows"][0].flops_unit
     sweep: list[dict] | None = None
+    sweep_s = 0.0
     if args.sweep:
+        t_sweep = time.perf_counter()
         default = "0.005,0.02,0.05,0.1" if args.sweep == "lambda" else "1,2,3,4"
         values = [float(v) if args.sweep == "lambda" else int(v)
                   for v in (args.sweep_values or default).split(",")]
@@ -454,7 +480,13 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
             res = run_once(sub, path, budget, out / f"sweep-{args.sweep}-{value}")
             adaptive = res["rows"][0]
             sweep.append({"sweep": args.sweep, "value": value, **adaptive.row()})
+        sweep_s = time.perf_counter() - t_sweep
     wall = time.perf_counter() - t0
+    # what this machine can do, so that wall times from other machines compare
+    machine = {"matmul_gflops": dense_matmul_gflops(), "threads": torch.get_num_threads(),
+               "peak_rss_gb": peak_rss_gb(),
+               "phases": {"dataset": data_s, **result["phases"],
+                          **({"sweep": sweep_s} if sweep is not None else {})}}
     payload = {
         "dataset": str(path), "seed": args.seed, "config": result["config"],
         "policies": [r.row() for r in result["rows"]],
@@ -462,13 +494,13 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
                     "gflops_per_video": s["gflops_per_video"],
                     **({"improves": s["improves"]} if "improves" in s else {})}
                    for s in result["stages"]],
-        "flops_unit": unit, "wall_time_s": wall,
-        "command": command, "open_loop": result["extra"],
+        "flops_unit": unit, "wall_time_s": wall, "machine": machine,
+        "command": command, **result["extra"],
     }
     if sweep is not None:
         payload["sweep"] = sweep
     write_outputs(out, payload, result["rows"], result["stages"], sweep)
-    print_tables(command, result, str(path), unit, wall)
+    print_tables(command, result, str(path), unit, wall, machine)
     if sweep:
         name = "lambda" if args.sweep == "lambda" else "N"
         print(f"\nSweep over {name} (adaptive policy, test split)")

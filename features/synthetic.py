@@ -76,6 +76,12 @@ class SyntheticConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, val, test
     dtype: str = "float16"
     fps: float = 1.0
+    # held-out variants (robustness matrix): how features look to the recognizer
+    # distractors: background shots replaced, with this probability, by a brief span of ANY
+    # unit type (so every unit type also appears in videos of classes it does not belong to)
+    distractor_prob: float = 0.0
+    nonnegative: bool = False  # CNN-like: ReLU of the features (sparse, non-negative, skewed)
+    feature_scale: float = 1.0  # every feature multiplied by this (x0.01 .. x100)
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, problem: str) -> None:
@@ -104,6 +110,8 @@ class SyntheticConfig:
         check(len(fr) == 3 and min(fr) >= 0 and abs(sum(fr) - 1) < 1e-6, "split_fractions",
               f"need three non-negative fractions summing to 1, got {fr}")
         check(self.dtype in ("float16", "float32"), "dtype", "must be 'float16' or 'float32'")
+        check(0 <= self.distractor_prob < 1, "distractor_prob", "must be in [0, 1)")
+        check(self.feature_scale > 0, "feature_scale", "must be > 0")
 
 
 PRESETS: dict[str, SyntheticConfig] = {
@@ -175,6 +183,9 @@ class SyntheticWorld:
         shot_len = rng.integers(c.shot_length[0], c.shot_length[1] + 1, n_shots)
         shot_of_frame = np.repeat(np.arange(n_shots), shot_len)[:T]
         shot_type = c.vocabulary + rng.integers(0, c.background_types, n_shots)
+        if c.distractor_prob > 0:  # drawn only when enabled: default outputs keep their bytes
+            glimpse = rng.random(n_shots) < c.distractor_prob
+            shot_type = np.where(glimpse, rng.integers(0, c.vocabulary, n_shots), shot_type)
         kind = shot_type[shot_of_frame]  # prototype index per frame
         span = shot_of_frame.copy()  # span id per frame (drift / instance offset)
 
@@ -218,6 +229,10 @@ class SyntheticWorld:
                 0.0, math.hypot(c.prototype_scale, c.noise), (int(noise_frames.sum()), D)
             )
             frame_units[noise_frames] = BACKGROUND
+        if c.nonnegative:
+            x = np.maximum(x, 0.0)
+        if c.feature_scale != 1.0:
+            x = x * c.feature_scale
         return x.astype(np.float32), frame_units, label, split
 
     def videos(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -100,15 +102,15 @@ def test_selection_bad_input():
 
 
 # ---------------------------------------------------------------- Stage I
-def _config(tmp_path, epochs, **kw):
-    return Stage1Config(epochs=epochs, batch_size=16, lr=3e-3, seed=0, recognizer=SMALL_NET,
-                        device="cpu", out_dir=str(tmp_path), **kw)
+def _config(tmp_path, steps, **kw):
+    return Stage1Config(steps=steps, batch_size=16, lr=3e-3, seed=0, recognizer=SMALL_NET,
+                        evaluations=4, device="cpu", out_dir=str(tmp_path), **kw)
 
 
 def test_stage1_learns_tiny(tiny_dataset, tmp_path):
-    model, history = train_stage1(tiny_dataset, _config(tmp_path, 10), progress=False)
-    assert len(history["epochs"]) == 10
-    losses = [e["loss"] for e in history["epochs"]]
+    model, history = train_stage1(tiny_dataset, _config(tmp_path, 40), progress=False)
+    assert [e["step"] for e in history["evaluations"]] == [10, 20, 30, 40]
+    losses = [e["loss"] for e in history["evaluations"]]
     assert losses[-1] < 0.8 * losses[0]
     final = history["final"]
     chance_map = 100 / 6 * 1.5  # mAP of random scores is about the class prior, 1/6
@@ -119,29 +121,85 @@ def test_stage1_learns_tiny(tiny_dataset, tmp_path):
     best = Recognizer.load(tmp_path / BEST)
     again = evaluate_selection(best, tiny_dataset, "all", split="test", device="cpu")
     assert again["mAP"] == pytest.approx(final["all"]["mAP"])
-    assert history["best_val_mAP"] == max(e["val_mAP"] for e in history["epochs"])
+    assert history["best_val_mAP"] == max(e["val_mAP"] for e in history["evaluations"])
 
 
 def test_stage1_resume_equals_uninterrupted(tiny_dataset, tmp_path):
-    straight, h_straight = train_stage1(tiny_dataset, _config(tmp_path / "a", 4), progress=False)
-    train_stage1(tiny_dataset, _config(tmp_path / "b", 2), progress=False)  # "interrupted"
-    resumed, h_resumed = train_stage1(tiny_dataset, _config(tmp_path / "b", 4), resume=True,
-                                      progress=False)
-    assert len(h_resumed["epochs"]) == 4
-    for a, b in zip(h_straight["epochs"], h_resumed["epochs"], strict=True):
+    straight, h_straight = train_stage1(tiny_dataset, _config(tmp_path / "a", 40), progress=False)
+    ckpt_a = torch.load(tmp_path / "a" / LAST, weights_only=False)
+    assert ckpt_a["step"] == 40
+    # killed right after the second of four checkpoints (step 20), then resumed
+    partial = _config(tmp_path / "c", 40)
+    _run_until(tiny_dataset, partial, stop_at=20)
+    assert torch.load(tmp_path / "c" / LAST, weights_only=False)["step"] == 20
+    resumed, h_resumed = train_stage1(tiny_dataset, partial, resume=True, progress=False)
+    assert len(h_resumed["evaluations"]) == 4
+    for a, b in zip(h_straight["evaluations"], h_resumed["evaluations"], strict=True):
         assert a["loss"] == b["loss"] and a["val_mAP"] == b["val_mAP"]
-    last_a = torch.load(tmp_path / "a" / LAST, weights_only=False)["model"]
-    last_b = torch.load(tmp_path / "b" / LAST, weights_only=False)["model"]
-    for k in last_a:
-        assert torch.equal(last_a[k], last_b[k]), k
+    last_c = torch.load(tmp_path / "c" / LAST, weights_only=False)["model"]
+    for k in ckpt_a["model"]:
+        assert torch.equal(ckpt_a["model"][k], last_c[k]), k
     assert h_straight["final"] == h_resumed["final"]
 
 
+def _run_until(dataset, config, stop_at):
+    """Train ``config`` but die (as a kill would) right after the checkpoint at ``stop_at``."""
+    import agents.stage1 as stage1
+
+    class Killed(Exception):
+        pass
+
+    real_save = stage1.torch_save_atomic
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if obj.get("step") == stop_at:
+            raise Killed
+
+    stage1.torch_save_atomic = save_then_die
+    try:
+        with pytest.raises(Killed):
+            train_stage1(dataset, config, progress=False)
+    finally:
+        stage1.torch_save_atomic = real_save
+
+
 def test_stage1_resume_rejects_changed_settings(tiny_dataset, tmp_path):
-    train_stage1(tiny_dataset, _config(tmp_path, 1), progress=False)
-    changed = Stage1Config(epochs=2, batch_size=8, lr=3e-3, recognizer=SMALL_NET, device="cpu",
+    train_stage1(tiny_dataset, _config(tmp_path, 10), progress=False)
+    changed = Stage1Config(steps=20, batch_size=8, lr=3e-3, recognizer=SMALL_NET, device="cpu",
                            out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="batch_size"):
         train_stage1(tiny_dataset, changed, resume=True, progress=False)
     with pytest.raises(ValueError, match="recognizer"):
         Stage1Config(recognizer={"hiden_dim": 3})
+    with pytest.raises(ValueError, match="steps"):
+        Stage1Config(steps=2.5)
+
+
+def test_stage1_budget_scales_with_the_train_split():
+    config = Stage1Config()
+    assert config.budget(100) == config.min_steps  # few videos: more passes, same updates
+    per_epoch = -(-3000 // config.batch_size)
+    assert config.budget(3000) == max(config.min_steps,
+                                      min(int(config.epochs_target * per_epoch), config.max_steps))
+    assert config.budget(10**6) == config.max_steps
+    assert Stage1Config(steps=7).budget(10**6) == 7
+
+
+@pytest.mark.parametrize("scale,dim,nonneg", [(0.01, 64, False), (100.0, 300, True)])
+def test_stage1_learns_at_extreme_scales_and_dimensions(tmp_path, scale, dim, nonneg):
+    """Stage I learns well above chance whatever the features' scale, dimension and sign: the
+    recognizer normalizes its inputs with train statistics."""
+    from features.synthetic import PRESETS, generate
+
+    config = dataclasses.replace(PRESETS["tiny"], feature_scale=scale, feature_dim=dim,
+                                 nonnegative=nonneg, num_videos=240, dtype="float32")
+    path = generate(config, tmp_path / "data.h5", seed=1, progress=False)
+    model, history = train_stage1(path, _config(tmp_path / "run", 120, final_split="test"),
+                                  progress=False)
+    mean, std = model.input_mean, model.input_std
+    assert 0.1 * scale < float(std.median()) < 10 * scale  # statistics of the raw features
+    assert history["final"]["random-25"]["mAP"] > 2.5 * (100 / 6)
+    # the statistics travel with the checkpoint
+    loaded = Recognizer.load(tmp_path / "run" / BEST)
+    assert torch.equal(loaded.input_mean, mean) and torch.equal(loaded.input_std, std)
