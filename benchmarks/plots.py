@@ -317,10 +317,10 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
         frames = sorted({t for s in strategies for lane in s["videos"][k]["frames"]
                          for t in lane[:MAX_THUMBNAILS]})
         thumbs.append(_thumbnails(video, frames, thumb_size) if thumbnails else {})
-    lane_h = 0.3 if any(thumbs) else 0.2
-    row_h = lane_h * N + 0.42
-    title_h, gap_h, legend_h, width = 0.32, 0.25, 0.75, 11.0
-    height = legend_h + sum(title_h + row_h * len(strategies) + gap_h for _ in videos) + 0.1
+    lane_hs = [0.44 if t else 0.2 for t in thumbs]  # lanes as tall as a thumbnail
+    row_hs = [lane_h * N + 0.3 for lane_h in lane_hs]
+    title_h, gap_h, legend_h, width = 0.32, 0.36, 0.75, 11.0
+    height = legend_h + sum(title_h + row_h * len(strategies) + gap_h for row_h in row_hs)
     fig = _figure(width, height)
     left, right = 1.55, 0.15
     content = width - left - right
@@ -335,6 +335,7 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
                  + ("" if thumbs[k] else "  (no video file: features as colour)"),
                  fontsize=10, fontweight="bold", va="bottom")
         has_thumbs = bool(thumbs[k])
+        lane_h, row_h = lane_hs[k], row_hs[k]
         slots = max(1, min(MAX_THUMBNAILS, max(
             max((len(lane) for lane in s["videos"][k]["frames"]), default=1)
             for s in strategies)))
@@ -349,10 +350,11 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
             ax = fig.add_axes((left / width, (y + 0.06) / height, line_w / width,
                                (row_h - 0.12) / height))
             panels += 1
-            ax.set_xlim(0, T)
+            ax.set_xlim(0, T + 0.9)  # room for a stop after the last frame
             ax.set_ylim(N - 0.5, -1.05)
             ax.imshow(np.asarray(video["colors"], dtype=float)[None], aspect="auto",
                       extent=(0, T, -0.62, -0.98), interpolation="nearest", zorder=1)
+            ax.set_xlim(0, T + 0.9)  # (imshow resets the limits)
             units = video.get("units")
             if units:
                 for start, stop, code in _runs(units):
