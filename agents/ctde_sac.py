@@ -530,6 +530,7 @@ def train_sac(
     algorithm: CTDESAC | None = None,
     show_progress: bool = False,
     score_fn: Callable[[CTDESAC], float] | None = None,
+    epoch_callback: Callable[[CTDESAC, int, Any], None] | None = None,
 ) -> TrainResult:
     """Train CTDE SAC for ``env_steps`` transitions with Tianshou's off-policy trainer.
 
@@ -543,6 +544,10 @@ def train_sac(
     training and after every epoch, and keeps the best one in ``best.pt``
     (``TrainResult.best_checkpoint`` / ``best_score``): the policy drifts from epoch to epoch
     and the last one is not always the best. ``checkpoint.pt`` stays the last state (resume).
+
+    ``epoch_callback`` (needs ``out_dir``): called as ``epoch_callback(learner, env_step,
+    writer)`` after every epoch (once per env step count), ``writer`` the run's TensorBoard
+    ``SummaryWriter``, e.g. to log figures (``benchmarks.plots.trajectory_logger``).
     """
     from tianshou.trainer import OffPolicyTrainerParams
     from tianshou.utils import TensorboardLogger
@@ -563,6 +568,8 @@ def train_sac(
     out = Path(out_dir) if out_dir is not None else None
     if score_fn is not None and out is None:
         raise ValueError("train_sac: score_fn needs out_dir (the best learner is saved there)")
+    if epoch_callback is not None and out is None:
+        raise ValueError("train_sac: epoch_callback needs out_dir (it logs to out_dir/tb)")
     checkpoint = out / "checkpoint.pt" if out else None
     best_file = out / "best.pt" if out else None
     buffer_file = out / "buffer.h5" if out else None
@@ -604,9 +611,14 @@ def train_sac(
 
         if not resumed:
             keep_if_best(0)  # the learner as given (Stage III: the previous round's)
+        called_at = -1
 
         def save_fn(epoch: int, env_step: int, gradient_step: int) -> str:
+            nonlocal called_at
             keep_if_best(env_step)  # before the checkpoint that records best_score
+            if epoch_callback is not None and env_step != called_at:
+                called_at = env_step
+                epoch_callback(algorithm, env_step, logger.writer)
             save_checkpoint(algorithm, checkpoint, epoch=epoch, env_step=env_step,
                             gradient_step=gradient_step, config=asdict(config),
                             best_score=best_score)

@@ -147,11 +147,16 @@ class ThreeStageTrainer:
     """Runs Stage I, II and III on a ``vimo-features`` file, writing under ``out_dir``."""
 
     def __init__(self, features_path: str | os.PathLike, config: TrainerConfig,
-                 out_dir: str | os.PathLike, progress: bool = True) -> None:
+                 out_dir: str | os.PathLike, progress: bool = True,
+                 sac_epoch_callback: Any = None) -> None:
+        """``sac_epoch_callback``: optional factory ``(recognizer, val_source) -> callback``;
+        each SAC part calls the callback after every epoch (``train_sac``'s
+        ``epoch_callback``), e.g. to log trajectory figures to TensorBoard."""
         self.path = Path(features_path)
         self.config = config
         self.out = Path(out_dir)
         self.progress = progress
+        self.sac_epoch_callback = sac_epoch_callback
         self.out.mkdir(parents=True, exist_ok=True)
         self.train_source = source_for(self.path, "train", config.device)
         self._val_source: FrameSource | None = None  # read on first use
@@ -227,10 +232,13 @@ class ThreeStageTrainer:
         warmup = {"critic_warmup_gradient_steps": self.config.stage3_critic_warmup} \
             if algorithm is not None and self.config.stage3_critic_warmup else {}  # Stage III
         sac_config = self.config.sac_config(seed_offset, **warmup)
+        epoch_callback = (self.sac_epoch_callback(recognizer, self.val_source)
+                          if self.sac_epoch_callback is not None else None)
         result = train_sac(self._env_factory(recognizer), sac_config,
                            env_steps=env_steps, out_dir=part,
                            resume=resume and (part / "checkpoint.pt").is_file(),
-                           algorithm=algorithm, show_progress=self.progress, score_fn=score_fn)
+                           algorithm=algorithm, show_progress=self.progress, score_fn=score_fn,
+                           epoch_callback=epoch_callback)
         _write_json_atomic({"env_steps": result.env_steps, "update_steps": result.update_steps,
                             "gradient_steps": result.gradient_steps,
                             "best_val_score": result.best_score,

@@ -5,7 +5,8 @@
                                   [--out DIR] [--seed S] [--num-locators N] [--max-moves m]
                                   [--stride delta] [--lambda L] [--temporal lstm|meanpool|...]
                                   [--integration transformer|meanpool|maxpool|forward]
-                                  [--resume] [--sweep lambda|locators --sweep-values a,b,c]
+                                  [--resume]
+                                  [--sweep lambda|locators|max_moves --sweep-values a,b,c]
 
 Data. By default the PhotoUnits ``default`` dataset (``features.photounits``: long videos
 assembled from real photos seen through the pretrained EfficientNet-Lite0, D=1280) is built on
@@ -54,10 +55,14 @@ disagree by up to 2 mAP on 450 videos each, and training seeds move test mAP by 
 
 Prints ViMo Table 2 (strategy: frame rate, mAP, GFLOPs; test split, final recognizer) and
 Table 5 (mAP and GFLOPs after each stage), with the command line that produced them, and writes
-``DIR/results.json`` (SPEC section 7), ``DIR/results.csv`` and ``DIR/map_vs_gflops.png``.
-Checkpoints and TensorBoard logs go to ``DIR/train`` (``--resume`` continues them).
-``--sweep lambda`` (ViMo Table 3) / ``--sweep locators`` (Table 1a) run the whole pipeline per
-value under ``DIR/sweep-<name>-<value>`` and add a sweep table (``sweep`` in results.json).
+``DIR/results.json`` (SPEC section 7), ``DIR/results.csv``, ``DIR/trajectories.json`` (a few
+test videos' locator trajectories per strategy, ``benchmarks.figure_data``) and the figures of
+``benchmarks.plots`` (``map_vs_gflops.png``, ``trajectories.png``, ``sweep_<name>.png``; redraw
+them with ``python -m benchmarks.plots DIR``). Checkpoints and TensorBoard logs go to
+``DIR/train`` (``--resume`` continues them; the run's hparams under ``DIR/train/tb/hparams``).
+``--sweep lambda`` (ViMo Table 3) / ``--sweep locators`` (Table 1a) / ``--sweep max_moves``
+(Figure 3, default values 3,4,5,6) run the whole pipeline per value under
+``DIR/sweep-<name>-<value>`` and add a sweep table (``sweep`` in results.json).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +99,8 @@ from agents.trainer import (  # noqa: E402
     TrainerConfig,
     source_for,
 )
+from benchmarks import plots  # noqa: E402
+from benchmarks.figure_data import collect_trajectories, save_trajectories  # noqa: E402
 from benchmarks.machine import dense_matmul_gflops, peak_rss_gb  # noqa: E402
 from features.atomic import atomic_path, write_text_atomic  # noqa: E402
 from features.photounits import PRESETS as PHOTOUNITS_PRESETS  # noqa: E402
@@ -116,6 +123,13 @@ BUDGETS: dict[str, dict] = {
                  collect_env_steps=128, epoch_env_steps=512, warmup_env_steps=128,
                  batch_size=64, updates_per_env_step=0.05),
     ),
+}
+
+# --sweep NAME: (argparse field swept, value type, default values)
+SWEEPS: dict[str, tuple[str, type, str]] = {
+    "lambda": ("frame_cost", float, "0.005,0.02,0.05,0.1"),
+    "locators": ("num_locators", int, "1,2,3,4"),
+    "max_moves": ("max_moves", int, "3,4,5,6"),
 }
 
 
@@ -165,9 +179,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    type=_sac_override,
                    help="override one SACConfig field (repeatable), e.g. --sac n_step=3 "
                         "--sac actor_hidden=512,512,512,512 --sac actor_lr=1e-5")
-    p.add_argument("--sweep", choices=["lambda", "locators"], default=None)
+    p.add_argument("--sweep", choices=sorted(SWEEPS), default=None)
     p.add_argument("--sweep-values", default=None,
-                   help="comma-separated values (default lambda 0.005,0.02,0.05,0.1; N 1,2,3,4)")
+                   help="comma-separated values (default lambda 0.005,0.02,0.05,0.1; N 1,2,3,4; "
+                        "max_moves 3,4,5,6)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--stop-after", choices=["I", "II"], default=None,
                    help="stop training after this stage (then --resume continues)")
@@ -322,7 +337,11 @@ def dataset_path(args: argparse.Namespace) -> tuple[Path, str]:
 
 def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> dict:
     config = trainer_config(args, budget)
-    trainer = ThreeStageTrainer(path, config, out / "train", progress=not args.no_progress)
+    trainer = ThreeStageTrainer(
+        path, config, out / "train", progress=not args.no_progress,
+        sac_epoch_callback=plots.trajectory_logger(max_moves=config.max_moves,
+                                                   stride=config.stride, device=config.device,
+                                                   dataset=path))
     try:
         stages = trainer.run(resume=args.resume, stop_after=args.stop_after)
     except SettingsMismatch as err:
@@ -346,8 +365,12 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
                               "probe_val_mAP": stage1["probe"]["val"]["mAP"]}
     extra["frame_cost"] = stage1["frame_cost"]
     extra["stage1_steps"] = stage1["steps"]
+    trajectories = collect_trajectories(  # figure data: a few test videos, every strategy
+        source_for(path, "test", config.device), rows, num_locators=config.num_locators,
+        max_moves=config.max_moves, stride=config.stride, seed=config.seed, dataset=path,
+        dataset_hint={"preset": args.preset, "seed": args.data_seed})
     return {"config": asdict(config), "rows": rows, "stages": stage_rows, "extra": extra,
-            "phases": phases}
+            "phases": phases, "trajectories": trajectories}
 
 
 def print_tables(command: str, result: dict, dataset: str, unit: str, wall: float,
@@ -396,7 +419,7 @@ def print_tables(command: str, result: dict, dataset: str, unit: str, wall: floa
 
 
 def write_outputs(out: Path, payload: dict, rows: list[EvalResult], stages: list[dict],
-                  sweep: list[dict] | None) -> None:
+                  sweep: list[dict] | None, trajectories: dict | None = None) -> None:
     write_text_atomic(out / "results.json", json.dumps(payload, indent=2))
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -412,39 +435,10 @@ def write_outputs(out: Path, payload: dict, rows: list[EvalResult], stages: list
             w.writerow([f"sweep-{s['sweep']}={s['value']}", "adaptive", f"{s['mAP']:.4f}",
                         f"{s['top1']:.4f}", f"{s['frame_rate']:.4f}",
                         f"{s['frames_per_video']:.4f}", f"{s['gflops_per_video']:.4f}"])
-    plot(out / "map_vs_gflops.png", rows, stages, payload["flops_unit"])
-
-
-def plot(path: Path, rows: list[EvalResult], stages: list[dict], unit: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        marker = "*" if r.name == "adaptive" else "o"
-        ax.scatter(r.gflops_per_video, r.mAP, marker=marker, s=140 if marker == "*" else 40,
-                   zorder=3)
-        ax.annotate(r.name, (r.gflops_per_video, r.mAP), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    if stages:
-        xs = [s["gflops_per_video"] for s in stages]
-        ys = [s["mAP"] for s in stages]
-        ax.plot(xs, ys, "--", color="gray", zorder=2, label="stages I-II-III")
-        for s in stages:
-            ax.annotate(f"stage {s['stage']}", (s["gflops_per_video"], s["mAP"]),
-                        textcoords="offset points", xytext=(5, -10), fontsize=7, color="gray")
-        ax.legend(loc="lower right")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"G{unit} per video (log)")
-    ax.set_ylabel("mAP (%)")
-    ax.set_title("mAP vs cost, test split")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".partial.png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    if trajectories is not None:
+        save_trajectories(out / "trajectories.json", trajectories)
+    plots.draw_all(out)  # every figure, from the files just written
+    plots.log_hparams(out / "train" / "tb", payload)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -470,13 +464,11 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     sweep_s = 0.0
     if args.sweep:
         t_sweep = time.perf_counter()
-        default = "0.005,0.02,0.05,0.1" if args.sweep == "lambda" else "1,2,3,4"
-        values = [float(v) if args.sweep == "lambda" else int(v)
-                  for v in (args.sweep_values or default).split(",")]
+        field, kind, default = SWEEPS[args.sweep]
+        values = [kind(v) for v in (args.sweep_values or default).split(",")]
         sweep = []
         for value in values:
-            sub = replace(args, **({"frame_cost": value} if args.sweep == "lambda"
-                                   else {"num_locators": value}))
+            sub = argparse.Namespace(**{**vars(args), field: value})  # (not a dataclass)
             res = run_once(sub, path, budget, out / f"sweep-{args.sweep}-{value}")
             adaptive = res["rows"][0]
             sweep.append({"sweep": args.sweep, "value": value, **adaptive.row()})
@@ -499,10 +491,11 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     }
     if sweep is not None:
         payload["sweep"] = sweep
-    write_outputs(out, payload, result["rows"], result["stages"], sweep)
+    write_outputs(out, payload, result["rows"], result["stages"], sweep,
+                  result["trajectories"])
     print_tables(command, result, str(path), unit, wall, machine)
     if sweep:
-        name = "lambda" if args.sweep == "lambda" else "N"
+        name = {"lambda": "lambda", "locators": "N", "max_moves": "m"}[args.sweep]
         print(f"\nSweep over {name} (adaptive policy, test split)")
         print(f"{name:<8} {'frame rate %':>12} {'mAP %':>8} {'GFLOPs':>9}")
         for s in sweep:

@@ -363,3 +363,19 @@ def test_difference_credit_mixes_each_locators_credit_into_its_one_step_target()
             algo._preprocess_batch(broken[indices], broken, indices)
     with pytest.raises(KeyError, match="locator_credit"):  # the toy env has no credit info
         train_sac(toy_factory, small_config(difference_credit=1.0), env_steps=64)
+
+
+def test_epoch_callback_runs_after_every_epoch(tmp_path):
+    """epoch_callback(learner, env_step, writer) after each epoch, once per env-step count,
+    with the run's TensorBoard writer (benchmarks.plots logs figures through it)."""
+    calls: list[tuple[int, bool]] = []
+
+    def callback(learner, env_step, writer) -> None:
+        calls.append((env_step, hasattr(writer, "add_image")))
+        assert isinstance(learner.policy.actor, LocatorActors)
+
+    train_sac(toy_factory, small_config(epoch_env_steps=256, warmup_env_steps=64),
+              env_steps=512, out_dir=tmp_path, epoch_callback=callback)
+    assert calls == [(256, True), (512, True)]
+    with pytest.raises(ValueError, match="epoch_callback needs out_dir"):
+        train_sac(toy_factory, small_config(), env_steps=64, epoch_callback=callback)

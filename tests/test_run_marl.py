@@ -285,3 +285,102 @@ def test_photounits_run_end_to_end(run_marl, tmp_path):
         bounds.main(["--run-dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="no trainer_config.json"):
         bounds.main(["--run-dir", str(tmp_path / "data")])
+
+
+def test_tiny_run_draws_its_figures_from_its_files(full_run, tmp_path):
+    """trajectories.json (a few test videos of different classes, random-25 / uniform-25 /
+    adaptive) and the figures; python -m benchmarks.plots redraws them without training."""
+    import subprocess
+    import sys
+
+    from benchmarks import plots
+    from benchmarks.figure_data import load_trajectories
+
+    out, payload = full_run
+    data = load_trajectories(out / "trajectories.json")
+    names = [s["name"] for s in data["strategies"]]
+    assert names == ["random-25", "uniform-25", "adaptive"]
+    labels = [v["label"] for v in data["videos"]]
+    assert len(labels) == 4 and len(set(labels)) == 4
+    assert data["unit_labels"] is not None  # the synthetic generator's units were found
+    for k, video in enumerate(data["videos"]):
+        assert len(video["colors"]) == len(video["units"]) == video["length"]
+        for s in data["strategies"]:
+            lanes = s["videos"][k]["frames"]
+            assert len(lanes) == 3 and all(lane == sorted(lane) for lane in lanes)
+    for name in ("trajectories.png", "map_vs_gflops.png"):
+        assert 5_000 < (out / name).stat().st_size < 300_000, name
+    drawn = plots.draw_all(out, tmp_path)
+    assert drawn["trajectories.png"]["panels"] == 4 * 3
+    best = max(p["mAP"] for p in payload["policies"])
+    far = any(p["mAP"] < best - plots.ZOOM_SPAN for p in payload["policies"])
+    assert drawn["map_vs_gflops.png"]["panels"] == (2 if far else 1)
+    assert "sweep_max_moves.png" not in drawn
+    cli = subprocess.run([sys.executable, "-m", "benchmarks.plots", str(out), "--out",
+                          str(tmp_path / "cli")], cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert {p.name for p in (tmp_path / "cli").glob("*.png")} == {"trajectories.png",
+                                                                  "map_vs_gflops.png"}
+    assert any((out / "train" / "tb" / "hparams").iterdir())  # the run's hparams
+
+
+def test_sweep_max_moves_runs_each_value_and_draws_figure_3(run_marl, full_run, tiny_dataset,
+                                                          tmp_path, monkeypatch):
+    """--sweep max_moves (default 3,4,5,6) reruns the pipeline per m and draws the sweep's
+    mAP-GFLOPs curve with the baselines (the per-value runs are stood in for by the tiny run's
+    rows, scaled, so that no more training runs here)."""
+    from agents.evaluate import EvalResult
+
+    out, payload = full_run
+    seen: list[tuple[int, Path]] = []
+
+    def fake_run_once(args, path, budget, sub_out):
+        seen.append((args.max_moves, sub_out))
+        rows = [EvalResult(**{**p, "mAP": p["mAP"] - (4 - args.max_moves),
+                              "gflops_per_video": p["gflops_per_video"] * args.max_moves / 4},
+                           flops_unit=payload["flops_unit"]) for p in payload["policies"]]
+        return {"config": payload["config"], "rows": rows, "stages": [],
+                "extra": {"open_loop_schedule": []}, "trajectories": None}
+
+    monkeypatch.setattr(run_marl, "run_once", fake_run_once)
+    assert run_marl.parse_args(["--sweep", "max_moves"]).sweep == "max_moves"
+    swept = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
+                           str(tmp_path), "--no-progress", "--sweep", "max_moves"])
+    assert [m for m, _ in seen] == [4, 3, 4, 5, 6]
+    assert [p.name for _, p in seen[1:]] == [f"sweep-max_moves-{m}" for m in (3, 4, 5, 6)]
+    assert [s["value"] for s in swept["sweep"]] == [3, 4, 5, 6]
+    assert all(s["sweep"] == "max_moves" for s in swept["sweep"])
+    png = tmp_path / "sweep_max_moves.png"
+    assert 5_000 < png.stat().st_size < 300_000
+    from benchmarks import plots
+
+    info = plots.draw_all(tmp_path, tmp_path / "again")["sweep_max_moves.png"]
+    assert info["values"] == [3, 4, 5, 6] and info["panels"] in (1, 2)
+
+
+def test_trajectory_logger_logs_a_figure_per_epoch(full_run, tiny_dataset, tmp_path):
+    """The SAC epoch callback (benchmarks.plots.trajectory_logger) draws 4 fixed val videos'
+    trajectories under the learner's policy into TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from agents.trainer import ThreeStageTrainer, TrainerConfig
+    from benchmarks import plots
+    from vimo_env.recognizer import Recognizer
+
+    out, _ = full_run
+    saved = json.loads((out / "train" / "trainer_config.json").read_text())
+    config = TrainerConfig(**saved["config"])
+    trainer = ThreeStageTrainer(tiny_dataset, config, tmp_path / "t", progress=False)
+    recognizer = Recognizer.load(out / "train" / "stage1" / "stage1_best.pt").eval()
+    learner = trainer.load_algorithm(recognizer, out / "train" / "stage2" / "best.pt")
+    factory = plots.trajectory_logger(max_moves=config.max_moves, stride=config.stride,
+                                      dataset=tiny_dataset)
+    callback = factory(recognizer, trainer.val_source)
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        callback(learner, 128, writer)
+        callback(learner, 256, writer)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    images = events.Images("trajectories/val")
+    assert [i.step for i in images] == [128, 256] and images[0].height > 300
