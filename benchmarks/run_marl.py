@@ -114,8 +114,10 @@ from vimo_env.recognizer import INTEGRATION_VARIANTS, TEMPORAL_VARIANTS, Recogni
 # only shrinks networks and step counts for tests and smoke runs. No dataset has its own budget.
 BUDGETS: dict[str, dict] = {
     "default": {},
+    # a smoke budget: its 32-wide recognizer may fall short of the probe on 72 train videos,
+    # so the self-check reports but does not stop it
     "tiny": dict(
-        stage1_steps=300, stage2_env_steps=1024, stage3_rounds=1, finetune_epochs=1,
+        stage1_steps=300, stage1_lr=3e-3, allow_unhealthy_stage1=True, stage2_env_steps=1024, stage3_rounds=1, finetune_epochs=1,
         stage3_env_steps=512, rollout_batch_size=256, stage3_critic_warmup=8,
         recognizer=dict(hidden_dim=32, transformer_layers=1, transformer_dim=32,
                         transformer_ff_dim=64, forward_dim=64),
@@ -228,7 +230,7 @@ def trainer_config(args: argparse.Namespace, budget: str) -> TrainerConfig:
                  "stage3_env_steps": args.stage3_steps, "frame_cost": args.frame_cost,
                  "stage3_critic_warmup": args.stage3_critic_warmup,
                  "selection_metric": args.selection_metric,
-                 "allow_unhealthy_stage1": args.allow_unhealthy_stage1 or None}
+                 "allow_unhealthy_stage1": True if args.allow_unhealthy_stage1 else None}
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         config = TrainerConfig(num_locators=args.num_locators, max_moves=args.max_moves,
@@ -477,7 +479,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     # what this machine can do, so that wall times from other machines compare
     machine = {"matmul_gflops": dense_matmul_gflops(), "threads": torch.get_num_threads(),
                "peak_rss_gb": peak_rss_gb(),
-               "phases": {"dataset": data_s, **result["phases"],
+               "phases": {"dataset": data_s, **result.get("phases", {}),
                           **({"sweep": sweep_s} if sweep is not None else {})}}
     payload = {
         "dataset": str(path), "seed": args.seed, "config": result["config"],

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_POLICY_KEYS = {"name", "mAP", "top1", "frame_rate", "frames_per_video", "gflops_per_video"}
 POLICIES = {"adaptive", "all", "uniform-25", "uniform-50", "random-25", "random-50", "initial",
-            "open-loop"}
+            "open-loop", "probe"}
 
 
 def _load_script():
@@ -201,7 +201,7 @@ def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run,
 def test_resume_with_other_settings_is_refused(run_marl, full_run, tiny_dataset):
     out, _ = full_run
     before = (out / "train" / "trainer_config.json").read_text()
-    with pytest.raises(SystemExit, match=r"frame_cost: 0\.005 -> 0\.05"):
+    with pytest.raises(SystemExit, match=r"frame_cost: None -> 0\.05"):
         run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out", str(out),
                        "--seed", "0", "--no-progress", "--lambda", "0.05", "--resume"])
     assert (out / "train" / "trainer_config.json").read_text() == before
@@ -210,17 +210,17 @@ def test_resume_with_other_settings_is_refused(run_marl, full_run, tiny_dataset)
 def test_sac_overrides_reach_the_learner_and_bad_ones_stop_early(run_marl):
     args = run_marl.parse_args(["--sac", "n_step=3", "--sac", "actor_hidden=32,16",
                                 "--sac", "actor_lr=1e-5", "--sac", "difference_credit=0"])
-    sac = run_marl.trainer_config(args, "photounits").sac_config()
+    sac = run_marl.trainer_config(args, "default").sac_config()
     assert (sac.n_step, sac.actor_hidden, sac.actor_lr) == (3, (32, 16), 1e-5)
     assert sac.difference_credit == 0
-    assert sac.target_entropy_ratio == 0.2  # the budget's own override is kept
-    assert run_marl.trainer_config(run_marl.parse_args([]), "photounits").sac_config(
+    assert sac.target_entropy_ratio == 0.2  # the default is kept
+    assert run_marl.trainer_config(run_marl.parse_args([]), "default").sac_config(
         ).difference_credit == 0.5
     for bad, match in ((["--sac", "nstep=3"], None), (["--sac", "n_step=three"], None),
                        (["--sac", "n_step=0"], "n_step"),
                        (["--sac", "n_step=3"], "difference_credit > 0 needs n_step=1")):
         with pytest.raises(SystemExit) as info:
-            run_marl.trainer_config(run_marl.parse_args(bad), "photounits")
+            run_marl.trainer_config(run_marl.parse_args(bad), "default")
         if match is not None:
             assert match in str(info.value)
 
