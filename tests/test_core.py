@@ -349,3 +349,22 @@ def test_difference_credit_of_a_single_locator_is_the_team_reward():
     torch.testing.assert_close(core.credit[:, 0], out.reward, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="locator_credit needs compute_rewards"):
         make_core(locator_credit=True, compute_rewards=False)
+
+
+@pytest.mark.parametrize("rows", [None, torch.tensor([0, 2, 3])])
+def test_returned_tensors_are_not_overwritten_by_later_steps(rows):
+    """A caller that keeps ``out.observation``, ``alive``, ``p_gt`` ... of one step must still
+    hold that step's values after the next steps (the core writes its buffers in place)."""
+    core, _, _ = make_core([30, 40, 50, 60], batch=4)
+    k = 4 if rows is None else len(rows)
+    fields = ("observation", "alive", "positions", "frames_observed", "p_gt", "rows")
+    kept, snapshots = [], []
+    out = core.reset(torch.arange(4))
+    for _ in range(4):  # m = 4 moves of one stride: no row reaches its last frame
+        kept.append(out)
+        snapshots.append({f: getattr(out, f).clone() for f in fields})
+        out = core.step(torch.ones(k, 3, dtype=torch.long), rows=rows)
+    assert bool(out.done.all())
+    for out, snap in zip(kept, snapshots, strict=True):
+        for f in fields:
+            assert torch.equal(getattr(out, f), snap[f]), f

@@ -126,7 +126,7 @@ class CoreObs:
 
     ``observation [K, N, obs_dim]``, ``alive [K, N]``, ``positions [K, N]``,
     ``frames_observed [K, N]``, ``p_gt [K]`` (``P_0``; NaN without ``compute_rewards``),
-    ``rows [K]``.
+    ``rows [K]``. Every tensor is a copy the caller may keep: later steps never change it.
     """
 
     rows: torch.Tensor
@@ -494,12 +494,19 @@ class LocatorCore:
 
     def _view(self, kind: type[CoreObs], rows: torch.Tensor | None, sel: torch.Tensor | slice,
               **extra: object) -> CoreObs:
-        """The result of a reset/step: the touched rows' tensors plus ``extra`` fields."""
+        """The result of a reset/step: the touched rows' tensors plus ``extra`` fields.
+
+        Every tensor is the caller's to keep: the next step writes the state buffers in place,
+        so a slice (all rows) is cloned; row indices (``rows``) already gather copies.
+        """
+        def own(buffer: torch.Tensor) -> torch.Tensor:
+            return buffer.clone() if rows is None else buffer[sel]
+
         return kind(
             rows=torch.arange(self.batch_size, device=self.device) if rows is None else rows,
-            observation=self.observation[sel], alive=self.alive[sel],
-            positions=self.positions[sel], frames_observed=self.frames_observed[sel],
-            p_gt=self.p_gt[sel], **extra,
+            observation=own(self.observation), alive=own(self.alive),
+            positions=own(self.positions), frames_observed=own(self.frames_observed),
+            p_gt=own(self.p_gt), **extra,
         )
 
     def _finish(self, rows: torch.Tensor | None, done: torch.Tensor, state: torch.Tensor,
