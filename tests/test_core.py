@@ -368,3 +368,13 @@ def test_returned_tensors_are_not_overwritten_by_later_steps(rows):
     for out, snap in zip(kept, snapshots, strict=True):
         for f in fields:
             assert torch.equal(getattr(out, f), snap[f]), f
+
+
+def test_labels_outside_the_recognizers_classes_are_refused_when_the_core_is_built():
+    """A custom source whose labels exceed the recognizer's classes must fail at construction
+    with a message naming both, not inside a step's gather (a device-side assert on CUDA)."""
+    for label in (3, -2):
+        source = ArraySource([10, 12], labels=[0, label], classes=3)
+        with pytest.raises(ValueError, match=rf"'labels'.*'v1'.*label {label}.*num_classes=3"):
+            LocatorCore(source, tiny_recognizer(), device="cpu")
+    LocatorCore(ArraySource([10, 12], labels=[-1, 2]), tiny_recognizer(), device="cpu")

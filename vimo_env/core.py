@@ -154,6 +154,29 @@ class CoreStep(CoreObs):
     finished: EpisodeBatch | None
 
 
+def source_name(source: FrameSource) -> str:
+    """How error messages name a frame source: its file (and split) when it has one."""
+    store = getattr(source, "store", None)
+    path = getattr(store, "path", None) or getattr(source, "path", None)
+    split = getattr(source, "split", None)
+    name = str(path) if path is not None else f"frame source {type(source).__name__}"
+    return name if split is None else f"{name} (split {split!r})"
+
+
+def check_labels(source: FrameSource, num_classes: int) -> None:
+    """Refuse labels the recognizer cannot score: each must be -1 (unlabeled) or a class index
+    below the recognizer's ``num_classes``. Checked once when a core is built; a bad label would
+    otherwise fail deep inside a step's ``gather`` (a device-side assert on CUDA)."""
+    labels = np.asarray(source.labels)
+    bad = np.flatnonzero((labels < -1) | (labels >= num_classes))
+    if len(bad):
+        k = int(bad[0])
+        raise ValueError(
+            f"{source_name(source)}: field 'labels': video {source.video_ids[k]!r} has label "
+            f"{int(labels[k])}, but the recognizer has num_classes={num_classes} (labels must "
+            f"be -1 or in 0..{num_classes - 1}; {len(bad)} videos are outside)")
+
+
 class LocatorCore:
     """Batched ViMo locator engine over a frame source and a recognizer (see module doc).
 
@@ -214,6 +237,7 @@ class LocatorCore:
             )
         if np.any(np.asarray(source.lengths) < 1):
             raise ValueError("frame source has a video with no frames (lengths must be >= 1)")
+        check_labels(source, cfg.num_classes)
         self.source = source
         self.device = resolve_device(device)
         self.recognizer = recognizer.to(self.device)  # run in eval mode per call, see step()
