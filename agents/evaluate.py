@@ -28,6 +28,7 @@ from agents.metrics import mean_average_precision, top1_accuracy
 from agents.policies import LocatorPolicy, as_policy
 from agents.selection import evaluate_selection
 from features.source import FrameSource
+from features.validation import require_int
 from vimo_env.core import LocatorCore
 from vimo_env.recognizer import Recognizer
 
@@ -101,6 +102,7 @@ def evaluate_policy(
         keep_trajectories: return per-locator trajectories of every video.
     """
     _check_source(source)
+    batch_size = require_int(batch_size, "batch_size", minimum=1)
     pol: LocatorPolicy = as_policy(policy, name)
     V = source.num_videos
     N = recognizer.config.num_locators

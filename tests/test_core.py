@@ -378,3 +378,16 @@ def test_labels_outside_the_recognizers_classes_are_refused_when_the_core_is_bui
         with pytest.raises(ValueError, match=rf"'labels'.*'v1'.*label {label}.*num_classes=3"):
             LocatorCore(source, tiny_recognizer(), device="cpu")
     LocatorCore(ArraySource([10, 12], labels=[-1, 2]), tiny_recognizer(), device="cpu")
+
+
+def test_integer_settings_are_never_truncated():
+    """max_moves=2.9 used to become 2 through int(); non-integers (bools too) are refused."""
+    for name, bad in (("max_moves", 2.9), ("stride", 3.0), ("stride", True), ("max_moves", "4"),
+                      ("num_locators", 3.5), ("batch_size", 2.5)):
+        kw = {"num_locators": 3, name: bad}
+        with pytest.raises(TypeError, match=rf"{name} must be an integer"):
+            LocatorCore(ArraySource([10]), tiny_recognizer(), device="cpu", **kw)
+    core = LocatorCore(ArraySource([10]), tiny_recognizer(), device="cpu",
+                       max_moves=np.int64(2), stride=torch.tensor(1), batch_size=np.int32(2))
+    assert (core.max_moves, core.stride, core.batch_size) == (2, 1, 2)
+    assert type(core.max_moves) is int and type(core.stride) is int

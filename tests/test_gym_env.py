@@ -232,3 +232,17 @@ def test_locator_credit_info_in_every_gymnasium_front_end(h5):
         np.testing.assert_allclose(single_info["locator_credit"], info["locator_credit"][b],
                                    atol=1e-6)
     assert "locator_credit" not in VideoLocatorsVectorEnv(num_envs=2, **kwargs(h5)).reset()[1]
+
+
+def test_integer_arguments_are_never_truncated(h5):
+    """num_envs=2.9 or options={"video": 1.5} used to be truncated by int()."""
+    with pytest.raises(TypeError, match="num_envs must be an integer"):
+        VideoLocatorsVectorEnv(num_envs=2.9, **kwargs(h5))
+    with pytest.raises(TypeError, match="max_moves must be an integer"):
+        VideoLocatorsEnv(**kwargs(h5, max_moves=2.9))
+    env = VideoLocatorsEnv(**kwargs(h5))
+    for bad in (1.5, 2.0, True, "1"):
+        with pytest.raises(TypeError, match=r"options\['video'\] must be an integer"):
+            env.reset(options={"video": bad})
+    _, info = env.reset(options={"video": np.int64(1)})
+    assert info["position"].tolist() == [0, 2, 4]  # video 1 has 7 frames

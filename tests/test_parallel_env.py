@@ -171,3 +171,12 @@ def test_locator_credit_per_agent(h5):
     assert [infos[f"locator_{i}"]["locator_credit"] for i in range(3)] == credit
     assert credit[1] == 0.0 and credit[0] != 0.0
     assert "locator_credit" not in make(h5, seed=0).reset(seed=0)[1]["locator_0"]
+
+
+def test_video_option_and_sizes_must_be_integers(h5):
+    env = make(h5, seed=0)
+    for bad in (1.5, 1.0, False):
+        with pytest.raises(TypeError, match=r"options\['video'\] must be an integer"):
+            env.reset(options={"video": bad})
+    with pytest.raises(TypeError, match="stride must be an integer"):
+        make(h5, stride=2.5)

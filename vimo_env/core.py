@@ -39,6 +39,7 @@ import torch
 
 from features.device import resolve_device
 from features.source import FrameSource
+from features.validation import require_int
 from vimo_env.recognizer import Recognizer
 
 NUM_ACTIONS = 4  # stop, or move 1/2/3 strides forward
@@ -212,12 +213,9 @@ class LocatorCore:
         device: str | torch.device = "auto",
         batch_size: int | None = None,
     ) -> None:
-        if int(num_locators) < 1:
-            raise ValueError(f"num_locators must be >= 1, got {num_locators}")
-        if int(max_moves) < 1:
-            raise ValueError(f"max_moves must be >= 1, got {max_moves}")
-        if int(stride) < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+        num_locators = require_int(num_locators, "num_locators", minimum=1)
+        max_moves = require_int(max_moves, "max_moves", minimum=1)
+        stride = require_int(stride, "stride", minimum=1)
         if not np.isfinite(frame_cost):
             raise ValueError(f"frame_cost must be finite, got {frame_cost}")
         cfg = recognizer.config
@@ -241,9 +239,9 @@ class LocatorCore:
         self.source = source
         self.device = resolve_device(device)
         self.recognizer = recognizer.to(self.device)  # run in eval mode per call, see step()
-        self.num_locators = int(num_locators)
-        self.max_moves = int(max_moves)
-        self.stride = int(stride)
+        self.num_locators = num_locators
+        self.max_moves = max_moves
+        self.stride = stride
         self.frame_cost = float(frame_cost)
         self.compute_rewards = bool(compute_rewards)
         if locator_credit and not compute_rewards:
@@ -264,7 +262,7 @@ class LocatorCore:
         self.gflops_per_frame = float(source.gflops_per_frame) + self.recognizer_gflops_per_frame
         self.batch_size: int | None = None
         if batch_size is not None:
-            self._allocate(int(batch_size))
+            self._allocate(require_int(batch_size, "batch_size", minimum=1))
 
     # ---------------------------------------------------------------- state
     def _allocate(self, batch: int) -> None:

@@ -27,6 +27,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from features.validation import require_int
 from vimo_env.core import (
     NUM_ACTIONS,
     EpisodeBatch,
@@ -34,7 +35,7 @@ from vimo_env.core import (
     VideoSampler,
     build_core,
 )
-from vimo_env.parallel_env import action_from, observation_space_for
+from vimo_env.parallel_env import action_from, observation_space_for, video_option
 from vimo_env.render import RENDER_MODES, check_render_mode, render_row
 
 ENV_ID = "VideoLocators-v0"
@@ -105,10 +106,7 @@ class VideoLocatorsEnv(gymnasium.Env):
         if seed is not None:
             self.sampler.seed(seed)
         if options and "video" in options:
-            video = int(options["video"])
-            if not 0 <= video < self.core.source.num_videos:
-                raise IndexError(f"options['video']={video} outside "
-                                 f"[0, {self.core.source.num_videos})")
+            video = video_option(options["video"], self.core.source.num_videos)
         else:
             video = int(self.sampler.draw(1)[0])
         self.core.reset(torch.tensor([video], device=self.core.device))
@@ -185,7 +183,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
     ) -> None:
         check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
-        self.num_envs = int(num_envs)
+        self.num_envs = require_int(num_envs, "num_envs", minimum=1)
         self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
                                max_moves=max_moves, stride=stride, frame_cost=frame_cost,
                                device=device, seed=seed, compute_rewards=compute_rewards,

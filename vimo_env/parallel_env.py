@@ -16,6 +16,7 @@ from gymnasium import spaces
 from pettingzoo import AECEnv, ParallelEnv
 from pettingzoo.utils.conversions import parallel_to_aec
 
+from features.validation import require_int
 from vimo_env.core import (
     NUM_ACTIONS,
     LocatorCore,
@@ -47,6 +48,14 @@ def action_from(value: Any, who: str) -> int:
         raise ValueError(f"{who}: action {x!r} outside 0..{NUM_ACTIONS - 1} "
                          "(0 stop, k move k strides)")
     return int(x)
+
+
+def video_option(value: Any, num_videos: int) -> int:
+    """``reset(options={"video": i})``'s video index, checked: an integer in the split."""
+    video = require_int(value, "options['video']")
+    if not 0 <= video < num_videos:
+        raise IndexError(f"options['video']={video} outside [0, {num_videos})")
+    return video
 
 
 class VideoLocatorsParallelEnv(ParallelEnv):
@@ -122,9 +131,7 @@ class VideoLocatorsParallelEnv(ParallelEnv):
             for i, a in enumerate(self.possible_agents):
                 self._action_spaces[a].seed(seed + i)
         if options and "video" in options:
-            video = int(options["video"])
-            if not 0 <= video < self.source.num_videos:
-                raise IndexError(f"options['video']={video} outside [0, {self.source.num_videos})")
+            video = video_option(options["video"], self.source.num_videos)
         else:
             video = int(self.sampler.draw(1)[0])
         self.core.reset(torch.tensor([video], device=self.core.device))
