@@ -12,8 +12,9 @@
 Both return an :class:`EvalResult`. Metrics: mAP (mean over classes of the AP of video-level
 softmax scores, scikit-learn), top-1, frames observed per video, frame rate (mean of F/T, in
 percent), GFLOPs per video = frames x (backbone + F_T cost per frame) + one F_M + classifier
-evaluation + the policy's own cost, in the feature file's unit (``flops_unit``: "MACs" for
-our synthetic data; torch's FlopCounterMode FLOPs are halved to MACs then).
+evaluation + the policy's own inference cost (:meth:`agents.policies.LocatorPolicy.
+inference_flops`: per locator decision, or per step of a joint network), in the feature file's
+unit (``flops_unit``: "MACs" for our data), converted by :mod:`vimo_env.costs`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from agents.policies import LocatorPolicy, as_policy
 from agents.selection import evaluate_selection
 from features.source import FrameSource
 from features.validation import require_int
-from vimo_env.core import LocatorCore
+from vimo_env.core import LocatorCore, source_name
+from vimo_env.costs import flops_in_unit, recognizer_gflops
 from vimo_env.recognizer import Recognizer
 
 SELECTION_BASELINES = ("all", "uniform-50", "random-50", "uniform-25", "random-25", "initial")
@@ -63,10 +65,7 @@ class EvalResult:
 
 def recognizer_cost(recognizer: Recognizer, flops_unit: str) -> tuple[float, float]:
     """(F_T cost per observed frame, F_M + classifier cost per video), in G``flops_unit``."""
-    cost = recognizer.flops()
-    per_unit = 0.5 if flops_unit == "MACs" else 1.0  # Recognizer.flops counts FLOPs
-    return (cost["temporal_per_frame"] * per_unit / 1e9,
-            cost["integration"] * per_unit / 1e9)
+    return recognizer_gflops(recognizer, flops_unit)
 
 
 def _check_source(source: FrameSource) -> None:
@@ -114,6 +113,11 @@ def evaluate_policy(
     trajectories: list[list[list[int]]] | None = [[] for _ in range(V)] if keep_trajectories \
         else None
     base_gflops = np.zeros(V)
+    row_steps = np.zeros(V, dtype=np.int64)
+    obs_dim = recognizer.embedding_dim + 3
+    # counted once, on one row of all-alive locators (adapters move it to their own device)
+    policy_cost = pol.inference_flops(torch.zeros(1, N, obs_dim),
+                                      torch.ones(1, N, dtype=torch.bool))
     for lo in range(0, V, batch_size):
         videos = torch.arange(lo, min(lo + batch_size, V))
         k = len(videos)
@@ -135,6 +139,7 @@ def evaluate_policy(
                 raise ValueError(f"policy {pol.name!r} returned actions of shape "
                                  f"{tuple(actions.shape)}, expected ({len(rows)}, {N})")
             decisions[(lo + rows).cpu().numpy()] += alive.sum(1).cpu().numpy()
+            row_steps[(lo + rows).cpu().numpy()] += 1
             out = core.step(actions, rows=rows)
             step += 1
             if out.finished is not None:
@@ -148,14 +153,18 @@ def evaluate_policy(
                         trajectories[rec.video] = rec.trajectories
             if step > max_moves + 1:  # the core stops every locator after m moves
                 raise RuntimeError("episodes did not end after max_moves steps")
-    gflops = base_gflops + decisions * pol.gflops_per_decision
+    where = source_name(source)
+    gflops = base_gflops + (
+        decisions * flops_in_unit(policy_cost.per_decision, source.flops_unit, where)
+        + row_steps * flops_in_unit(policy_cost.per_row_step, source.flops_unit, where)) / 1e9
     labels = np.asarray(source.labels)
     return EvalResult(
         name=pol.name, mAP=mean_average_precision(scores, labels),
         top1=top1_accuracy(scores, labels), frame_rate=float(100.0 * np.mean(frames / lengths)),
         frames_per_video=float(frames.mean()), gflops_per_video=float(gflops.mean()),
         flops_unit=source.flops_unit, scores=scores, trajectories=trajectories,
-        extra={"decisions_per_video": float(decisions.mean())},
+        extra={"decisions_per_video": float(decisions.mean()),
+               "steps_per_video": float(row_steps.mean())},
     )
 
 

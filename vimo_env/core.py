@@ -24,8 +24,8 @@ every alive locator that moves), and calls ``source.begin_episodes(videos)`` on 
 
 Cost accounting (SPEC section 2): GFLOPs per video = ``F * gflops_per_frame`` of the source
 plus the recognizer's inference cost, ``F`` F_T updates and one F_M + classifier evaluation,
-all in the feature file's unit (``flops_unit``, "MACs" or "FLOPs"; torch's FlopCounterMode
-counts FLOPs = 2 x MACs and is converted).
+all in the feature file's unit (``flops_unit``, "MACs" or "FLOPs"; any other unit is refused):
+see :mod:`vimo_env.costs`, the one place that converts torch's FLOP counts.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch
 from features.device import resolve_device
 from features.source import FrameSource
 from features.validation import require_int
+from vimo_env.costs import check_flops_unit, recognizer_gflops
 from vimo_env.recognizer import Recognizer
 
 NUM_ACTIONS = 4  # stop, or move 1/2/3 strides forward
@@ -250,15 +251,13 @@ class LocatorCore:
         self.hidden_dim = recognizer.embedding_dim
         self.obs_dim = self.hidden_dim + 3
         self.num_classes = cfg.num_classes
-        self.flops_unit = source.flops_unit
+        self.flops_unit = check_flops_unit(source.flops_unit, source_name(source))
         self._lengths_all = torch.as_tensor(np.asarray(source.lengths), dtype=torch.long,
                                             device=self.device)
         self._labels_all = torch.as_tensor(np.asarray(source.labels), dtype=torch.long,
                                            device=self.device)
-        cost = recognizer.flops()
-        per_unit = 0.5 if self.flops_unit == "MACs" else 1.0  # recognizer counts FLOPs
-        self.recognizer_gflops_per_frame = cost["temporal_per_frame"] * per_unit / 1e9
-        self.recognizer_gflops_per_episode = cost["integration"] * per_unit / 1e9
+        self.recognizer_gflops_per_frame, self.recognizer_gflops_per_episode = \
+            recognizer_gflops(recognizer, self.flops_unit)
         self.gflops_per_frame = float(source.gflops_per_frame) + self.recognizer_gflops_per_frame
         self.batch_size: int | None = None
         if batch_size is not None:
