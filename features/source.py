@@ -25,8 +25,12 @@ class FrameSource(ABC):
 
     Attributes every source sets: ``feature_dim``, ``class_names``, ``gflops_per_frame``,
     ``flops_unit``, ``lengths`` (int64 ``[V]``, frames per video), ``labels`` (int64 ``[V]``),
-    ``video_ids`` (``list[str]``), ``device`` (where ``gather`` returns tensors).
+    ``video_ids`` (``list[str]``), ``device`` (where ``gather`` returns tensors). ``split`` is
+    the split the source serves (``"train"``, ``"val"``, ``"test"``), None when it is not one
+    split (all videos, or a store's own selection).
     """
+
+    split: str | None = None
 
     feature_dim: int
     class_names: list[str]

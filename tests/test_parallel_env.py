@@ -180,3 +180,15 @@ def test_video_option_and_sizes_must_be_integers(h5):
             env.reset(options={"video": bad})
     with pytest.raises(TypeError, match="stride must be an integer"):
         make(h5, stride=2.5)
+
+
+def test_a_split_that_contradicts_the_source_object_is_refused(h5):
+    from features.source import CachedFrameSource
+
+    val = CachedFrameSource(h5, split="val", device="cpu")
+    with pytest.raises(ValueError, match=r"split='train' contradicts .*'val'.*tiny\.h5"):
+        vimo_env.parallel_env(features=val, recognizer=tiny_recognizer(), device="cpu")
+    for split in ("val", None):  # agreeing or unspecified: the source as it is
+        env = vimo_env.parallel_env(features=val, split=split, recognizer=tiny_recognizer(),
+                                    device="cpu")
+        assert env.source is val and env.source.num_videos == 2

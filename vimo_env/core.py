@@ -607,8 +607,16 @@ class VideoSampler:
 
 
 def load_source(features: object, split: str | None, device: str | torch.device) -> FrameSource:
-    """A frame source: ``features`` is a FrameSource, or a ``vimo-features`` HDF5 path."""
+    """A frame source: ``features`` is a FrameSource, or a ``vimo-features`` HDF5 path (then
+    ``split`` of it is loaded). A source object is used as it is: a ``split`` that contradicts
+    its own ``split`` raises (it used to be ignored silently); None accepts any."""
     if isinstance(features, FrameSource):
+        own = getattr(features, "split", None)
+        if split is not None and own is not None and split != own:
+            raise ValueError(f"split={split!r} contradicts the frame source's own split {own!r} "
+                             f"({source_name(features)}): a source object serves one split; "
+                             f"pass split={own!r} or split=None, or build a source of split "
+                             f"{split!r}")
         return features
     if features is None:
         raise ValueError("features= is required: a vimo-features HDF5 path or a FrameSource")
