@@ -391,3 +391,23 @@ def test_integer_settings_are_never_truncated():
                        max_moves=np.int64(2), stride=torch.tensor(1), batch_size=np.int32(2))
     assert (core.max_moves, core.stride, core.batch_size) == (2, 1, 2)
     assert type(core.max_moves) is int and type(core.stride) is int
+
+
+def test_a_source_on_another_device_is_refused_naming_both(tmp_path):
+    """Features on one device and the core on another used to fail later with an opaque
+    indexing error; construction now names both devices (meta stands in for a GPU here)."""
+    from env_helpers import write_tiny_h5
+
+    from features.source import CachedFrameSource
+
+    path = write_tiny_h5(tmp_path / "feats.h5", [10, 12])
+    source = CachedFrameSource(path, split="train", device="meta")
+    with pytest.raises(ValueError, match=r"feats\.h5.*on meta but the env runs on cpu"):
+        LocatorCore(source, tiny_recognizer(), device="cpu")
+    moved = ArraySource([10])
+    moved.device = torch.device("meta")
+    with pytest.raises(ValueError, match="ArraySource.*on meta but the env runs on cpu"):
+        LocatorCore(moved, tiny_recognizer(), device="cpu")
+    from vimo_env.core import same_device
+
+    assert same_device("cpu", torch.device("cpu")) and not same_device("cpu", "meta")

@@ -156,6 +156,17 @@ class CoreStep(CoreObs):
     finished: EpisodeBatch | None
 
 
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
+    """Whether two devices are the same one (``"cuda"`` is the current CUDA device)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.index == b.index or a.index is None or b.index is None
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def source_name(source: FrameSource) -> str:
     """How error messages name a frame source: its file (and split) when it has one."""
     store = getattr(source, "store", None)
@@ -239,6 +250,12 @@ class LocatorCore:
         check_labels(source, cfg.num_classes)
         self.source = source
         self.device = resolve_device(device)
+        source_device = getattr(source, "device", None)
+        if source_device is not None and not same_device(source_device, self.device):
+            raise ValueError(f"{source_name(source)}: the frame source serves features on "
+                             f"{source_device} but the env runs on {self.device}; build the "
+                             f"source with device={str(self.device)!r} or pass the env "
+                             f"device={str(source_device)!r}")
         self.recognizer = recognizer.to(self.device)  # run in eval mode per call, see step()
         self.num_locators = num_locators
         self.max_moves = max_moves
