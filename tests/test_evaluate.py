@@ -66,7 +66,28 @@ def test_initial_policy_and_costs(test_source, recognizer):
     # cost is linear in frames: backbone + F_T per frame, plus one F_M per video
     per_frame = (allf.gflops_per_video - sel.gflops_per_video) / (allf.frames_per_video - 3)
     assert per_frame > test_source.gflops_per_frame
-    assert res.mAP == pytest.approx(mean_average_precision(res.scores, test_source.labels))
+    # mAP and top-1 recomputed independently: AP by hand = mean precision at each positive's
+    # rank (scores are continuous: no ties), over the classes present
+    labels = np.asarray(test_source.labels)
+    aps = []
+    for c in np.unique(labels):
+        hits = (labels == c)[np.argsort(-res.scores[:, c], kind="stable")]
+        aps.append((np.cumsum(hits) / np.arange(1, len(hits) + 1))[hits].mean())
+    assert len(np.unique(res.scores)) == res.scores.size  # no ties
+    assert res.mAP == pytest.approx(100 * np.mean(aps), abs=1e-9)
+    assert res.top1 == pytest.approx(100 * np.mean(res.scores.argmax(1) == labels))
+
+
+def test_mean_average_precision_on_known_numbers():
+    """AP of a ranking by hand (precision at each positive, averaged); a class with no
+    positive (class 2) is skipped."""
+    scores = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.5, 0.1, 0.4],
+                       [0.55, 0.7, 0.1], [0.1, 0.8, 0.1]])
+    labels = np.array([0, 1, 0, 1, 1])
+    # class 0 ranking: v0 (pos), v1, v3, v2 (pos), v4 -> AP (1/1 + 2/4) / 2 = 0.75
+    # class 1 ranking: v4 (pos), v3 (pos), v1 (pos), v2, v0 -> AP 1
+    expected = 100 * (0.75 + 1.0) / 2
+    assert mean_average_precision(scores, labels) == pytest.approx(expected)
 
 
 def test_deterministic_and_batch_size_independent(test_source, recognizer):
