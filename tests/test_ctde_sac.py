@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from tianshou.data import Batch, ReplayBuffer
+from tianshou.data import Batch, ReplayBuffer, VectorReplayBuffer
 
 from agents.ctde_sac import (
     CentralCritic,
@@ -303,10 +304,26 @@ def test_training_is_deterministic_and_resumes(tmp_path):
     for x, y in zip(a.algorithm.parameters(), b.algorithm.parameters(), strict=True):
         assert torch.equal(x, y)
     # resume: the trainer continues from the logged counters up to the new total
+    for copy_name in ("noop", "again"):
+        shutil.copytree(tmp_path / "a", tmp_path / copy_name)
+    # nothing left to train: the result is exactly the checkpoint (a fresh learner is not)
+    noop = train_sac(toy_factory, config, env_steps=128, out_dir=tmp_path / "noop", resume=True)
+    assert noop.env_steps == 128 and noop.update_steps == a.update_steps
+    for x, y in zip(a.algorithm.parameters(), noop.algorithm.parameters(), strict=True):
+        assert torch.equal(x, y)
     c = train_sac(toy_factory, config, env_steps=192, out_dir=tmp_path / "a", resume=True)
     assert c.env_steps == 192
+    # one more epoch of 64 transitions: 4 collections of 16, each one update step
+    assert c.update_steps == a.update_steps + 4 and c.gradient_steps == (a.update_steps + 4) * 4
     assert not all(torch.equal(x, y) for x, y in zip(a.algorithm.parameters(),
                                                      c.algorithm.parameters(), strict=True))
+    # the replay buffer was reloaded and extended: warm-up 32 + 128 before, 64 after
+    assert len(VectorReplayBuffer.load_hdf5(str(tmp_path / "a" / "buffer.h5"))) == 32 + 128 + 64
+    # resuming is deterministic: the same checkpoint and buffer give the same learner
+    again = train_sac(toy_factory, config, env_steps=192, out_dir=tmp_path / "again",
+                      resume=True)
+    for x, y in zip(c.algorithm.parameters(), again.algorithm.parameters(), strict=True):
+        assert torch.equal(x, y)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_sac(toy_factory, config, env_steps=64, out_dir=tmp_path / "none", resume=True)
 
