@@ -58,7 +58,7 @@ def test_joint_env_episode(h5):
     assert info["position"].tolist() == [0, 6, 9]
     obs, r2, term, trunc, info = env.step(np.array([3, 0, 2]))  # dead locator 0: ignored
     assert term is True and info["position"].tolist() == [0, 6, 9]
-    ep = info["episode"]
+    ep = info["vimo_episode"]
     assert ep["frames"] == 5 and ep["l"] == 2
     assert ep["r"] == pytest.approx(r1 + r2)
     assert r1 + r2 == pytest.approx(ep["scores"][ep["label"]] - p0 - 0.1 * 2, abs=1e-5)
@@ -95,10 +95,10 @@ def test_make_vec_native_and_autoreset_next_step(h5):
         assert obs["alive"][prev_done].all()
         returns[~prev_done] += rew[~prev_done]
         if term.any():
-            assert info["_episode"].tolist() == term.tolist()
-            np.testing.assert_allclose(info["episode"]["r"][term], returns[term])
-            assert (info["episode"]["frames"][term] >= 3).all()
-            assert all(v.startswith("vid") for v in info["episode"]["video_id"][term])
+            assert info["_vimo_episode"].tolist() == term.tolist()
+            np.testing.assert_allclose(info["vimo_episode"]["r"][term], returns[term])
+            assert (info["vimo_episode"]["frames"][term] >= 3).all()
+            assert all(v.startswith("vid") for v in info["vimo_episode"]["video_id"][term])
             finished += int(term.sum())
         returns[term] = 0.0
         returns[prev_done] = rew[prev_done]
@@ -246,3 +246,48 @@ def test_integer_arguments_are_never_truncated(h5):
             env.reset(options={"video": bad})
     _, info = env.reset(options={"video": np.int64(1)})
     assert info["position"].tolist() == [0, 2, 4]  # video 1 has 7 frames
+
+
+def test_gymnasium_and_sb3_episode_wrappers_work_unchanged(h5):
+    """RecordEpisodeStatistics (single and vector) and SB3's Monitor own info["episode"]; our
+    statistics live under info["vimo_episode"] next to theirs."""
+    from gymnasium.wrappers import RecordEpisodeStatistics
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics as RecordVectorStatistics
+    from stable_baselines3.common.env_util import make_vec_env
+
+    env = RecordEpisodeStatistics(VideoLocatorsEnv(**kwargs(h5)))
+    env.reset(seed=0)
+    total, terminated, steps = 0.0, False, 0
+    while not terminated:
+        _, reward, terminated, _, info = env.step(np.array([1, 2, 1]))
+        total, steps = total + reward, steps + 1
+    assert info["episode"]["r"] == pytest.approx(total) and info["episode"]["l"] == steps
+    assert info["vimo_episode"]["r"] == pytest.approx(total)
+    assert info["vimo_episode"]["frames"] == int(info["frames"].sum())
+
+    venv = RecordVectorStatistics(gymnasium.make_vec(
+        "VideoLocators-v0", num_envs=3, vectorization_mode="vector_entry_point", **kwargs(h5)))
+    venv.reset(seed=0)
+    seen = 0
+    for _ in range(12):
+        _, _, term, _, info = venv.step(np.ones((3, 3), dtype=np.int64))
+        if term.any():
+            assert info["_episode"].tolist() == term.tolist()
+            assert info["_vimo_episode"].tolist() == term.tolist()
+            np.testing.assert_allclose(info["episode"]["r"][term],
+                                       info["vimo_episode"]["r"][term], rtol=1e-6)
+            seen += int(term.sum())
+    assert seen >= 3
+
+    sb3 = make_vec_env(VideoLocatorsEnv, n_envs=2, seed=0, env_kwargs=kwargs(h5))  # + Monitor
+    sb3.reset()
+    found = []
+    for _ in range(12):
+        _, rewards, dones, infos = sb3.step(np.ones((2, 3), dtype=np.int64))
+        found += [info for info, done in zip(infos, dones, strict=True) if done]
+    assert found
+    for info in found:
+        assert set(info["episode"]) == {"r", "l", "t"}  # Monitor's own
+        assert info["episode"]["r"] == pytest.approx(info["vimo_episode"]["r"], rel=1e-5)
+        assert info["episode"]["l"] == info["vimo_episode"]["l"]
+        assert info["vimo_episode"]["video_id"].startswith("vid")

@@ -9,11 +9,14 @@
   autoreset ``NEXT_STEP`` (the step after a row terminates resets that row and ignores its
   action; that step returns reward 0 and ``terminated=False``).
 
-Infos hold ``position [N]``, ``frames [N]``, ``p_gt`` and, when an episode ends, ``episode``:
-SPEC section 6's dict plus ``r`` (return) and ``l`` (steps), so SB3 logging works without its
-Monitor. Gymnasium's ``RecordEpisodeStatistics`` writes the same key: give it another
-``stats_key``. In the vector env every value is batched and ``_episode`` masks the rows
-that ended (Gymnasium's convention).
+Infos hold ``position [N]``, ``frames [N]``, ``p_gt`` and, when an episode ends,
+``vimo_episode`` (:data:`EPISODE_KEY`): SPEC section 6's ``episode`` dict plus ``length``,
+``trajectories``, ``r`` (return) and ``l`` (steps). It is not called ``episode`` here because
+Gymnasium's ``RecordEpisodeStatistics`` (which asserts the key is free) and SB3's ``Monitor``
+(which overwrites it; ``make_vec_env`` and every SB3 algorithm add one) own that key in
+Gymnasium envs: both work unchanged and our statistics stay reachable. (The PettingZoo env keeps
+SPEC's ``episode`` key.) In the vector env every value is batched and ``_vimo_episode`` masks the
+rows that ended (Gymnasium's convention).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from vimo_env.parallel_env import action_from, observation_space_for, video_opti
 from vimo_env.render import RENDER_MODES, check_render_mode, render_row
 
 ENV_ID = "VideoLocators-v0"
+#: Info key of the per-episode statistics in the Gymnasium envs (see the module doc).
+EPISODE_KEY = "vimo_episode"
 
 
 def _single_spaces(core: LocatorCore) -> tuple[spaces.Dict, spaces.MultiDiscrete]:
@@ -131,8 +136,9 @@ class VideoLocatorsEnv(gymnasium.Env):
         info = self._info()
         terminated = bool(out.done[0])
         if out.finished is not None:
-            info["episode"] = out.finished.records()[0].as_info()
-            info["episode"].update(r=self._return, l=int(core.steps[0]))
+            episode = out.finished.records()[0].as_info()
+            episode.update(r=self._return, l=int(core.steps[0]))
+            info[EPISODE_KEY] = episode
         return self._obs(), reward, terminated, False, info
 
     def render(self) -> str | np.ndarray | None:
@@ -269,7 +275,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         self._needs_reset = torch.as_tensor(terminated, device=core.device)
         info = self._info()
         if finished is not None:
-            info["episode"], info["_episode"] = self._episode_info(finished)
+            info[EPISODE_KEY], info[f"_{EPISODE_KEY}"] = self._episode_info(finished)
         return self._obs(), rewards, terminated, np.zeros(B, dtype=bool), info
 
     def _episode_info(self, batch: EpisodeBatch) -> tuple[dict[str, np.ndarray], np.ndarray]:
