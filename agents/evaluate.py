@@ -132,7 +132,7 @@ def evaluate_policy(
         while not bool(core.done.all()):
             rows = (~core.done).nonzero(as_tuple=True)[0]
             alive = core.alive[rows]
-            actions = pol.act(core.observation[rows], alive, step)
+            actions = pol.act_masked(core.observation[rows], alive, core.action_mask(rows), step)
             actions = torch.as_tensor(np.asarray(actions) if not isinstance(actions, torch.Tensor)
                                       else actions, device=core.device)
             if tuple(actions.shape) != (len(rows), N):

@@ -4,7 +4,8 @@ The harness (:func:`agents.evaluate.evaluate_policy`) drives the batched locator
 policy for the joint action of the rows whose episode is still running. Any of these works:
 
 * **a plain callable** ``fn(obs) -> actions``: ``obs`` is the ``VideoLocators-v0`` observation
-  batch ``{"observation": float32 [B, N, obs_dim], "alive": int8 [B, N]}`` (numpy) and
+  batch ``{"observation": float32 [B, N, obs_dim], "alive": int8 [B, N], "action_mask": int8
+  [B, N, 4]}`` (numpy; ``action_mask[b, i, a] = 1`` when action ``a`` is legal) and
   ``actions`` is an integer array ``[B, N]`` in ``{0, 1, 2, 3}`` (stop, move 1-3 strides);
   actions of stopped locators are ignored. Each observation row of locator ``i`` is
   ``[h_i, n_i / (m + 1), p_i / (T - 1), t / m]`` (see :mod:`vimo_env.core`);
@@ -30,6 +31,7 @@ their cost cannot be counted from outside (subclass :class:`LocatorPolicy` and o
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +63,9 @@ class LocatorPolicy(ABC):
     ``begin(batch_size)`` is called when a batch of episodes starts; ``act(observation, alive,
     step)`` gets torch tensors ``[K, N, obs_dim]`` / bool ``[K, N]`` of the K running rows at
     step ``step`` (0 = right after reset) and returns actions ``[K, N]`` (tensor or array).
-    :meth:`inference_flops` is the policy's own inference cost (none unless overridden).
+    The harness calls :meth:`act_masked`, which also passes each locator's legal actions and
+    by default calls ``act``. :meth:`inference_flops` is the policy's own inference cost (none
+    unless overridden).
     """
 
     name: str = "policy"
@@ -78,10 +82,23 @@ class LocatorPolicy(ABC):
     def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> Any:
         """Actions ``[K, N]`` in {0, 1, 2, 3} for the K running rows."""
 
+    def act_masked(self, observation: torch.Tensor, alive: torch.Tensor,
+                   action_mask: torch.Tensor, step: int) -> Any:
+        """``act`` with the legal actions ``bool [K, N, 4]`` (the env's ``action_mask``); the
+        default ignores them (the env turns illegal moves into stops)."""
+        return self.act(observation, alive, step)
 
-def _numpy_obs(observation: torch.Tensor, alive: torch.Tensor) -> ObsBatch:
+
+def _numpy_obs(observation: torch.Tensor, alive: torch.Tensor,
+               action_mask: torch.Tensor | None = None) -> ObsBatch:
+    """The ``VideoLocators-v0`` observation batch; without ``action_mask``, every action of an
+    alive locator counts as legal (positions are not known here)."""
+    if action_mask is None:
+        action_mask = alive.unsqueeze(-1).expand(*alive.shape, 4).clone()
+        action_mask[..., 0] = True
     return {"observation": observation.detach().cpu().numpy().astype(np.float32, copy=False),
-            "alive": alive.detach().cpu().numpy().astype(np.int8)}
+            "alive": alive.detach().cpu().numpy().astype(np.int8),
+            "action_mask": action_mask.detach().cpu().numpy().astype(np.int8)}
 
 
 class CallablePolicy(LocatorPolicy):
@@ -95,6 +112,10 @@ class CallablePolicy(LocatorPolicy):
     def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> Any:
         return self.fn(_numpy_obs(observation, alive))
 
+    def act_masked(self, observation: torch.Tensor, alive: torch.Tensor,
+                   action_mask: torch.Tensor, step: int) -> Any:
+        return self.fn(_numpy_obs(observation, alive, action_mask))
+
 
 class TianshouPolicy(LocatorPolicy):
     """A Tianshou 2.x ``Policy`` over the ``VideoLocators-v0`` Dict observation (eval mode)."""
@@ -102,14 +123,18 @@ class TianshouPolicy(LocatorPolicy):
     def __init__(self, policy: Any, name: str = "tianshou") -> None:
         self.policy, self.name = policy, name
 
-    @torch.no_grad()
     def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> Any:
+        return self.act_masked(observation, alive, None, step)
+
+    @torch.no_grad()
+    def act_masked(self, observation: torch.Tensor, alive: torch.Tensor,
+                   action_mask: torch.Tensor | None, step: int) -> Any:
         from tianshou.data import Batch
 
         was_training = self.policy.training
         self.policy.eval()
         try:
-            obs = Batch(_numpy_obs(observation, alive))
+            obs = Batch(_numpy_obs(observation, alive, action_mask))
             out = self.policy(Batch(obs=obs, info=Batch()))
         finally:
             self.policy.train(was_training)
@@ -126,10 +151,20 @@ class SB3Policy(LocatorPolicy):
 
     def __init__(self, model: Any, name: str = "sb3", deterministic: bool = True) -> None:
         self.model, self.name, self.deterministic = model, name, deterministic
+        self._maskable = "action_masks" in inspect.signature(model.predict).parameters
 
     def act(self, observation: torch.Tensor, alive: torch.Tensor, step: int) -> Any:
-        actions, _ = self.model.predict(_numpy_obs(observation, alive),
-                                        deterministic=self.deterministic)
+        return self.act_masked(observation, alive, None, step)
+
+    def act_masked(self, observation: torch.Tensor, alive: torch.Tensor,
+                   action_mask: torch.Tensor | None, step: int) -> Any:
+        obs = _numpy_obs(observation, alive, action_mask)
+        if self._maskable:  # sb3-contrib MaskablePPO: restrict to the legal actions
+            actions, _ = self.model.predict(obs, deterministic=self.deterministic,
+                                            action_masks=obs["action_mask"].reshape(
+                                                len(obs["alive"]), -1).astype(bool))
+        else:
+            actions, _ = self.model.predict(obs, deterministic=self.deterministic)
         return np.asarray(actions).reshape(observation.shape[0], observation.shape[1])
 
     def inference_flops(self, observation: torch.Tensor, alive: torch.Tensor) -> PolicyFlops:

@@ -411,3 +411,33 @@ def test_a_source_on_another_device_is_refused_naming_both(tmp_path):
     from vimo_env.core import same_device
 
     assert same_device("cpu", torch.device("cpu")) and not same_device("cpu", "meta")
+
+
+def test_action_mask_stop_always_moves_only_before_the_last_frame():
+    """Batched legal actions: stop always; a locator at T-1 or a stopped one may only stop."""
+    core, _, _ = make_core([10, 1, 2, 13], batch=4, max_moves=2)
+    out = core.reset(torch.arange(4))
+
+    def by_hand():
+        mask = torch.zeros(4, 3, 4, dtype=torch.bool)
+        for b in range(4):
+            for i in range(3):
+                mask[b, i, 0] = True
+                movable = bool(core.alive[b, i]) and int(core.positions[b, i]) < int(
+                    core.lengths[b]) - 1
+                mask[b, i, 1:] = movable
+        return mask
+
+    assert torch.equal(out.action_mask, by_hand())
+    assert not out.action_mask[1, :, 1:].any()  # T = 1: every locator starts on the last frame
+    assert out.action_mask[0].all()
+    gen = torch.Generator().manual_seed(0)
+    while not bool(core.done.all()):
+        rows = (~core.done).nonzero(as_tuple=True)[0]
+        out = core.step(torch.randint(0, 4, (len(rows), 3), generator=gen), rows=rows)
+        expected = by_hand()
+        assert torch.equal(core.action_mask(), expected)
+        assert torch.equal(out.action_mask, expected[rows])
+        assert out.action_mask[..., 0].all()  # never all-false
+        assert not (out.action_mask[..., 1:] & ~out.alive[..., None]).any()
+    assert not core.action_mask()[..., 1:].any()  # everyone stopped

@@ -128,7 +128,8 @@ def test_plugins_callable_tianshou_sb3_agree(tiny_dataset, test_source, recogniz
     model = PPO("MultiInputPolicy", env, n_steps=16, batch_size=16, seed=0, device="cpu")
     assert isinstance(as_policy(model), SB3Policy)
     sb3 = evaluate_policy(model, test_source, recognizer)
-    obs = {"observation": np.zeros((2, 3, obs_dim), np.float32), "alive": np.ones((2, 3), np.int8)}
+    obs = {"observation": np.zeros((2, 3, obs_dim), np.float32), "alive": np.ones((2, 3), np.int8),
+           "action_mask": np.ones((2, 3, 4), np.int8)}
     assert sb3.name == "sb3" and np.asarray(model.predict(obs)[0]).shape == (2, 3)
     assert 3 <= sb3.frames_per_video <= 15
 

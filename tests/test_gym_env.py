@@ -291,3 +291,48 @@ def test_gymnasium_and_sb3_episode_wrappers_work_unchanged(h5):
         assert info["episode"]["r"] == pytest.approx(info["vimo_episode"]["r"], rel=1e-5)
         assert info["episode"]["l"] == info["vimo_episode"]["l"]
         assert info["vimo_episode"]["video_id"].startswith("vid")
+
+
+def test_observations_carry_the_action_mask(h5):
+    env = VideoLocatorsEnv(**kwargs(h5))
+    obs, _ = env.reset(options={"video": 3})  # T = 1: every locator is on the last frame
+    assert env.observation_space.contains(obs) and obs["action_mask"].shape == (3, 4)
+    assert obs["action_mask"].tolist() == [[1, 0, 0, 0]] * 3
+    assert env.action_masks().tolist() == [True, False, False, False] * 3
+    obs, _ = env.reset(options={"video": 0})
+    obs, *_ = env.step(np.array([0, 1, 3]))  # 0 stops, 2 lands on the last frame
+    assert obs["action_mask"].tolist() == [[1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert env.action_masks().tolist() == obs["action_mask"].reshape(-1).astype(bool).tolist()
+    venv = VideoLocatorsVectorEnv(num_envs=4, **kwargs(h5, sampler="sweep"))
+    obs, _ = venv.reset()
+    assert venv.observation_space.contains(obs) and obs["action_mask"].shape == (4, 3, 4)
+    assert obs["action_mask"][3].tolist() == [[1, 0, 0, 0]] * 3  # row 3 plays video 3 (T = 1)
+    assert venv.action_masks().shape == (4, 12)
+
+
+def test_maskable_ppo_only_takes_legal_actions(h5):
+    """A masked learner (sb3-contrib MaskablePPO) trains on the env's action_masks() and never
+    picks an illegal action; the evaluation harness passes it the masks too."""
+    sb3_contrib = pytest.importorskip("sb3_contrib")
+    from agents.evaluate import evaluate_policy
+    from features.source import CachedFrameSource
+
+    env = VideoLocatorsEnv(**kwargs(h5))
+    model = sb3_contrib.MaskablePPO("MultiInputPolicy", env, n_steps=32, batch_size=32,
+                                    n_epochs=1, seed=0, device="cpu",
+                                    policy_kwargs=dict(net_arch=[16]))
+    model.learn(total_timesteps=64)
+    checked = 0
+    for video in range(len(LENGTHS)):
+        obs, _ = env.reset(options={"video": video})
+        terminated = False
+        while not terminated:
+            mask = env.action_masks().reshape(3, 4)
+            action, _ = model.predict(obs, action_masks=env.action_masks(), deterministic=False)
+            assert mask[np.arange(3), action].all()
+            checked += int((~mask[:, 1:]).all(1).sum())  # locators that could only stop
+            obs, _, terminated, _, _ = env.step(action)
+    assert checked > 0
+    source = CachedFrameSource(h5, split="train", device="cpu")
+    result = evaluate_policy(model, source, env.core.recognizer)
+    assert 3 <= result.frames_per_video <= 15

@@ -192,3 +192,18 @@ def test_a_split_that_contradicts_the_source_object_is_refused(h5):
         env = vimo_env.parallel_env(features=val, split=split, recognizer=tiny_recognizer(),
                                     device="cpu")
         assert env.source is val and env.source.num_videos == 2
+
+
+def test_infos_carry_each_agents_action_mask(h5):
+    env = make(h5, seed=0)
+    _, infos = env.reset(options={"video": 0})  # T = 10, starts 0, 3, 6
+    for info in infos.values():
+        assert info["action_mask"].tolist() == [1, 1, 1, 1] and info["action_mask"].dtype == np.int8
+    # locator_2 jumps to the last frame (6 + 9 -> 9): it may only stop now; locator_0 stops
+    _, _, terms, _, infos = env.step({"locator_0": 0, "locator_1": 1, "locator_2": 3})
+    assert infos["locator_0"]["action_mask"].tolist() == [1, 0, 0, 0] and terms["locator_0"]
+    assert infos["locator_1"]["action_mask"].tolist() == [1, 1, 1, 1]
+    assert infos["locator_2"]["position"] == 9
+    assert infos["locator_2"]["action_mask"].tolist() == [1, 0, 0, 0]
+    # the mask works as Gymnasium's sampling mask
+    assert env.action_space("locator_2").sample(infos["locator_2"]["action_mask"]) == 0

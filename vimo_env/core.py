@@ -128,7 +128,9 @@ class CoreObs:
 
     ``observation [K, N, obs_dim]``, ``alive [K, N]``, ``positions [K, N]``,
     ``frames_observed [K, N]``, ``p_gt [K]`` (``P_0``; NaN without ``compute_rewards``),
-    ``rows [K]``. Every tensor is a copy the caller may keep: later steps never change it.
+    ``rows [K]``, ``action_mask [K, N, 4]`` (each locator's legal actions, see
+    :meth:`LocatorCore.action_mask`). Every tensor is a copy the caller may keep: later steps
+    never change it.
     """
 
     rows: torch.Tensor
@@ -137,6 +139,7 @@ class CoreObs:
     positions: torch.Tensor
     frames_observed: torch.Tensor
     p_gt: torch.Tensor
+    action_mask: torch.Tensor
 
 
 @dataclass
@@ -544,7 +547,7 @@ class LocatorCore:
             rows=torch.arange(self.batch_size, device=self.device) if rows is None else rows,
             observation=own(self.observation), alive=own(self.alive),
             positions=own(self.positions), frames_observed=own(self.frames_observed),
-            p_gt=own(self.p_gt), **extra,
+            p_gt=own(self.p_gt), action_mask=self.action_mask(rows), **extra,
         )
 
     def _finish(self, rows: torch.Tensor | None, done: torch.Tensor, state: torch.Tensor,
@@ -572,6 +575,21 @@ class LocatorCore:
         )
 
     # ---------------------------------------------------------------- views
+    def action_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Legal actions ``bool [K, N, 4]`` of every locator (all rows, or ``rows``).
+
+        Stop (0) is always legal; moves (1-3) only for an alive locator before its video's
+        last frame (one at ``T - 1`` stops instead of moving, a stopped one ignores its action).
+        A row is never all-false. Tensor ops only, no host sync.
+        """
+        if self.batch_size is None:
+            raise RuntimeError("action_mask() before reset()")
+        sel: torch.Tensor | slice = slice(None) if rows is None else rows
+        last = (self.lengths[sel] - 1).unsqueeze(1)
+        can_move = self.alive[sel] & (self.positions[sel] < last)  # [K, N]
+        stop = torch.ones_like(can_move)
+        return torch.stack([stop, can_move, can_move, can_move], dim=-1)
+
     def global_state(self) -> torch.Tensor:
         """Centralized-critic state ``[B, N * obs_dim + N]``: all observations + alive flags."""
         return torch.cat([self.observation.flatten(1), self.alive.to(self.observation.dtype)], 1)

@@ -1,9 +1,12 @@
 """Gymnasium front-ends: ``VideoLocators-v0`` (joint control) and its native batched VectorEnv.
 
 * :class:`VideoLocatorsEnv` - one policy controls all N locators of one video:
-  observation ``Dict(observation=Box(N, obs_dim), alive=MultiBinary(N))``, action
-  ``MultiDiscrete([4] * N)``, team reward, terminated when every locator stopped. Stopped
-  locators' actions are ignored (they must still be in range).
+  observation ``Dict(observation=Box(N, obs_dim), alive=MultiBinary(N),
+  action_mask=MultiBinary((N, 4)))``, action ``MultiDiscrete([4] * N)``, team reward,
+  terminated when every locator stopped. Stopped locators' actions are ignored (they must still
+  be in range). ``action_mask[i, a]`` is 1 when action ``a`` is legal for locator ``i``: stop
+  always, moves only for an alive locator before the video's last frame;
+  :meth:`VideoLocatorsEnv.action_masks` gives it flat for sb3-contrib's ``MaskablePPO``.
 * :class:`VideoLocatorsVectorEnv` - ``gymnasium.make_vec("VideoLocators-v0", num_envs=B,
   vectorization_mode="vector_entry_point", features=...)``: B episodes on the batched core,
   autoreset ``NEXT_STEP`` (the step after a row terminates resets that row and ignores its
@@ -51,7 +54,8 @@ def _single_spaces(core: LocatorCore) -> tuple[spaces.Dict, spaces.MultiDiscrete
     N = core.num_locators
     box = spaces.Box(low=np.tile(one.low, (N, 1)), high=np.tile(one.high, (N, 1)),
                      dtype=np.float32)
-    obs = spaces.Dict({"observation": box, "alive": spaces.MultiBinary(N)})
+    obs = spaces.Dict({"observation": box, "alive": spaces.MultiBinary(N),
+                       "action_mask": spaces.MultiBinary([N, NUM_ACTIONS])})
     return obs, spaces.MultiDiscrete([NUM_ACTIONS] * N)
 
 
@@ -94,7 +98,15 @@ class VideoLocatorsEnv(gymnasium.Env):
     def _obs(self) -> dict[str, np.ndarray]:
         core = self.core
         return {"observation": core.observation[0].cpu().numpy().copy(),
-                "alive": core.alive[0].cpu().numpy().astype(np.int8)}
+                "alive": core.alive[0].cpu().numpy().astype(np.int8),
+                "action_mask": core.action_mask()[0].cpu().numpy().astype(np.int8)}
+
+    def action_masks(self) -> np.ndarray:
+        """Legal actions, bool ``[N * 4]`` (locator-major): sb3-contrib's ``MaskablePPO``
+        reads this method; the same as ``observation["action_mask"]`` flattened."""
+        if self.core.batch_size is None:
+            raise RuntimeError("action_masks() before reset()")
+        return self.core.action_mask()[0].reshape(-1).cpu().numpy()
 
     def _info(self) -> dict[str, Any]:
         core = self.core
@@ -207,7 +219,14 @@ class VideoLocatorsVectorEnv(VectorEnv):
     def _obs(self) -> dict[str, np.ndarray]:
         core = self.core
         return {"observation": core.observation.cpu().numpy().copy(),
-                "alive": core.alive.cpu().numpy().astype(np.int8)}
+                "alive": core.alive.cpu().numpy().astype(np.int8),
+                "action_mask": core.action_mask().cpu().numpy().astype(np.int8)}
+
+    def action_masks(self) -> np.ndarray:
+        """Legal actions of every row, bool ``[B, N * 4]`` (see :class:`VideoLocatorsEnv`)."""
+        if self.core.batch_size is None:
+            raise RuntimeError("action_masks() before reset()")
+        return self.core.action_mask().reshape(self.num_envs, -1).cpu().numpy()
 
     def _info(self) -> dict[str, Any]:
         core = self.core

@@ -64,7 +64,9 @@ class VideoLocatorsParallelEnv(ParallelEnv):
     Observations: float32 ``[h_i, n_i/(m+1), p_i/(T-1), t/m]``; ``state()``: all observations
     flattened plus alive flags (``state_space``). Rewards: the team reward
     ``(P_t - P_{t-1}) - lambda * N_t`` to every agent that acted. Infos: ``position``,
-    ``frames`` (n_i), ``p_gt`` (P_t), with ``locator_credit=True`` ``locator_credit`` (this
+    ``frames`` (n_i), ``p_gt`` (P_t), ``action_mask`` (``[4]`` of 0/1, int8 as PettingZoo and
+    ``Discrete.sample(mask)`` expect: the agent's legal actions; stop always, moves only before
+    the video's last frame), with ``locator_credit=True`` ``locator_credit`` (this
     agent's difference reward: the team reward minus the team reward had it alone stopped;
     0 when it did not observe) and, when the episode ends, ``episode`` (SPEC section 6,
     plus ``trajectory``: this locator's observed frames). ``reset(options={"video": i})``
@@ -177,10 +179,12 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         frames = core.frames_observed[0].tolist()
         p_gt = float(core.p_gt[0])
         credit = core.credit[0].tolist() if core.locator_credit else None
+        masks = core.action_mask()[0].cpu().numpy().astype(np.int8)  # sample(mask) needs int8
         infos = {}
         for a in agents:
             i = self._index[a]
-            info = {"position": pos[i], "frames": frames[i], "p_gt": p_gt}
+            info = {"position": pos[i], "frames": frames[i], "p_gt": p_gt,
+                    "action_mask": masks[i].copy()}
             if credit is not None:
                 info["locator_credit"] = credit[i]
             if self._episode is not None:
