@@ -336,3 +336,25 @@ def test_maskable_ppo_only_takes_legal_actions(h5):
     source = CachedFrameSource(h5, split="train", device="cpu")
     result = evaluate_policy(model, source, env.core.recognizer)
     assert 3 <= result.frames_per_video <= 15
+
+
+def test_seed_fixes_the_action_spaces_too(h5):
+    """seed= (constructor) and reset(seed=) seed action_space.sample() as well."""
+    def samples(env, count=8):
+        return [env.action_space.sample().tolist() for _ in range(count)]
+
+    a, b = VideoLocatorsEnv(**kwargs(h5, seed=5)), VideoLocatorsEnv(**kwargs(h5, seed=5))
+    assert samples(a) == samples(b)
+    assert samples(VideoLocatorsEnv(**kwargs(h5, seed=6))) != samples(
+        VideoLocatorsEnv(**kwargs(h5, seed=5)))
+    a.reset(seed=9)
+    b.reset(seed=9)
+    first = samples(a)
+    assert samples(b) == first
+    a.reset(seed=9)
+    assert samples(a) == first  # reset(seed) restarts the action stream
+    va = VideoLocatorsVectorEnv(num_envs=3, **kwargs(h5, seed=5))
+    vb = VideoLocatorsVectorEnv(num_envs=3, **kwargs(h5, seed=5))
+    assert samples(va) == samples(vb)
+    assert [va.single_action_space.sample().tolist() for _ in range(4)] == [
+        vb.single_action_space.sample().tolist() for _ in range(4)]

@@ -207,3 +207,14 @@ def test_infos_carry_each_agents_action_mask(h5):
     assert infos["locator_2"]["action_mask"].tolist() == [1, 0, 0, 0]
     # the mask works as Gymnasium's sampling mask
     assert env.action_space("locator_2").sample(infos["locator_2"]["action_mask"]) == 0
+
+
+def test_constructor_seed_fixes_the_action_spaces(h5):
+    def samples(env):
+        return [[env.action_space(a).sample() for a in env.possible_agents] for _ in range(10)]
+
+    assert samples(make(h5, seed=4)) == samples(make(h5, seed=4))
+    assert samples(make(h5, seed=4)) != samples(make(h5, seed=5))
+    env = make(h5, seed=4)
+    env.reset(seed=4)
+    assert samples(env) == samples(make(h5, seed=4))  # the constructor seeds as reset(seed)

@@ -93,6 +93,8 @@ class VideoLocatorsEnv(gymnasium.Env):
                                batch_size=1, locator_credit=locator_credit)
         self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
         self.observation_space, self.action_space = _single_spaces(self.core)
+        if seed is not None:  # seed fixes everything random, action_space.sample() included
+            self.action_space.seed(seed)
         self._return = 0.0
 
     def _obs(self) -> dict[str, np.ndarray]:
@@ -122,6 +124,7 @@ class VideoLocatorsEnv(gymnasium.Env):
         super().reset(seed=seed)
         if seed is not None:
             self.sampler.seed(seed)
+            self.action_space.seed(seed)
         if options and "video" in options:
             video = video_option(options["video"], self.core.source.num_videos)
         else:
@@ -210,6 +213,9 @@ class VideoLocatorsVectorEnv(VectorEnv):
         self.single_observation_space, self.single_action_space = _single_spaces(self.core)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
+        if seed is not None:  # as reset(seed=): the batched and the single action space
+            self.action_space.seed(seed)
+            self.single_action_space.seed(seed)
         self._needs_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.core.device)
         self._returns = np.zeros(self.num_envs)
 
@@ -243,6 +249,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         if seed is not None:
             self.sampler.seed(seed)
             self.action_space.seed(seed)
+            self.single_action_space.seed(seed)
         mask = (options or {}).get("reset_mask")
         if mask is not None and self.core.batch_size is not None:
             return self._reset_rows(mask)

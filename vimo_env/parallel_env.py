@@ -110,6 +110,8 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         obs_space = observation_space_for(self.core)
         self._observation_spaces = {a: obs_space for a in self.possible_agents}
         self._action_spaces = {a: spaces.Discrete(NUM_ACTIONS) for a in self.possible_agents}
+        if seed is not None:  # as reset(seed=): agent i's action space from seed + i
+            self._seed_action_spaces(seed)
         N, d = num_locators, self.core.obs_dim
         self.state_space = spaces.Box(
             low=np.concatenate([np.tile(obs_space.low, N), np.zeros(N, np.float32)]),
@@ -119,6 +121,10 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         self._episode: dict | None = None
 
     # ---------------------------------------------------------------- spaces
+    def _seed_action_spaces(self, seed: int) -> None:
+        for i, agent in enumerate(self.possible_agents):
+            self._action_spaces[agent].seed(seed + i)
+
     def observation_space(self, agent: str) -> spaces.Box:
         return self._observation_spaces[agent]
 
@@ -130,8 +136,7 @@ class VideoLocatorsParallelEnv(ParallelEnv):
               ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
         if seed is not None:
             self.sampler.seed(seed)
-            for i, a in enumerate(self.possible_agents):
-                self._action_spaces[a].seed(seed + i)
+            self._seed_action_spaces(seed)
         if options and "video" in options:
             video = video_option(options["video"], self.source.num_videos)
         else:
