@@ -12,8 +12,9 @@
 Both return an :class:`EvalResult`. Metrics: mAP (mean over classes of the AP of video-level
 softmax scores, scikit-learn), top-1, frames observed per video, frame rate (mean of F/T, in
 percent), GFLOPs per video = frames x (backbone + F_T cost per frame) + one F_M + classifier
-evaluation + the policy's own cost, in the feature file's unit (``flops_unit``: "MACs" for
-our synthetic data; torch's FlopCounterMode FLOPs are halved to MACs then).
+evaluation + the policy's own inference cost (:meth:`agents.policies.LocatorPolicy.
+inference_flops`: per locator decision, or per step of a joint network), in the feature file's
+unit (``flops_unit``: "MACs" for our data), converted by :mod:`vimo_env.costs`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from agents.metrics import mean_average_precision, top1_accuracy
 from agents.policies import LocatorPolicy, as_policy
 from agents.selection import evaluate_selection
 from features.source import FrameSource
-from vimo_env.core import LocatorCore
+from features.validation import require_int
+from vimo_env.core import LocatorCore, source_name
+from vimo_env.costs import flops_in_unit, recognizer_gflops
 from vimo_env.recognizer import Recognizer
 
 SELECTION_BASELINES = ("all", "uniform-50", "random-50", "uniform-25", "random-25", "initial")
@@ -62,10 +65,7 @@ class EvalResult:
 
 def recognizer_cost(recognizer: Recognizer, flops_unit: str) -> tuple[float, float]:
     """(F_T cost per observed frame, F_M + classifier cost per video), in G``flops_unit``."""
-    cost = recognizer.flops()
-    per_unit = 0.5 if flops_unit == "MACs" else 1.0  # Recognizer.flops counts FLOPs
-    return (cost["temporal_per_frame"] * per_unit / 1e9,
-            cost["integration"] * per_unit / 1e9)
+    return recognizer_gflops(recognizer, flops_unit)
 
 
 def _check_source(source: FrameSource) -> None:
@@ -101,6 +101,7 @@ def evaluate_policy(
         keep_trajectories: return per-locator trajectories of every video.
     """
     _check_source(source)
+    batch_size = require_int(batch_size, "batch_size", minimum=1)
     pol: LocatorPolicy = as_policy(policy, name)
     V = source.num_videos
     N = recognizer.config.num_locators
@@ -112,6 +113,11 @@ def evaluate_policy(
     trajectories: list[list[list[int]]] | None = [[] for _ in range(V)] if keep_trajectories \
         else None
     base_gflops = np.zeros(V)
+    row_steps = np.zeros(V, dtype=np.int64)
+    obs_dim = recognizer.embedding_dim + 3
+    # counted once, on one row of all-alive locators (adapters move it to their own device)
+    policy_cost = pol.inference_flops(torch.zeros(1, N, obs_dim),
+                                      torch.ones(1, N, dtype=torch.bool))
     for lo in range(0, V, batch_size):
         videos = torch.arange(lo, min(lo + batch_size, V))
         k = len(videos)
@@ -126,13 +132,14 @@ def evaluate_policy(
         while not bool(core.done.all()):
             rows = (~core.done).nonzero(as_tuple=True)[0]
             alive = core.alive[rows]
-            actions = pol.act(core.observation[rows], alive, step)
+            actions = pol.act_masked(core.observation[rows], alive, core.action_mask(rows), step)
             actions = torch.as_tensor(np.asarray(actions) if not isinstance(actions, torch.Tensor)
                                       else actions, device=core.device)
             if tuple(actions.shape) != (len(rows), N):
                 raise ValueError(f"policy {pol.name!r} returned actions of shape "
                                  f"{tuple(actions.shape)}, expected ({len(rows)}, {N})")
             decisions[(lo + rows).cpu().numpy()] += alive.sum(1).cpu().numpy()
+            row_steps[(lo + rows).cpu().numpy()] += 1
             out = core.step(actions, rows=rows)
             step += 1
             if out.finished is not None:
@@ -146,14 +153,18 @@ def evaluate_policy(
                         trajectories[rec.video] = rec.trajectories
             if step > max_moves + 1:  # the core stops every locator after m moves
                 raise RuntimeError("episodes did not end after max_moves steps")
-    gflops = base_gflops + decisions * pol.gflops_per_decision
+    where = source_name(source)
+    gflops = base_gflops + (
+        decisions * flops_in_unit(policy_cost.per_decision, source.flops_unit, where)
+        + row_steps * flops_in_unit(policy_cost.per_row_step, source.flops_unit, where)) / 1e9
     labels = np.asarray(source.labels)
     return EvalResult(
         name=pol.name, mAP=mean_average_precision(scores, labels),
         top1=top1_accuracy(scores, labels), frame_rate=float(100.0 * np.mean(frames / lengths)),
         frames_per_video=float(frames.mean()), gflops_per_video=float(gflops.mean()),
         flops_unit=source.flops_unit, scores=scores, trajectories=trajectories,
-        extra={"decisions_per_video": float(decisions.mean())},
+        extra={"decisions_per_video": float(decisions.mean()),
+               "steps_per_video": float(row_steps.mean())},
     )
 
 

@@ -44,7 +44,8 @@ from vimo_env.core import load_recognizer  # noqa: E402
 
 
 def bench_pettingzoo(source, recognizer, seconds: float, seed: int) -> dict:
-    env = vimo_env.parallel_env(features=source, recognizer=recognizer, device="cpu", seed=seed)
+    env = vimo_env.parallel_env(features=source, split=source.split, recognizer=recognizer,
+                                device="cpu", seed=seed)
     rng = np.random.default_rng(seed)
     env.reset(seed=seed)
     locator_steps = steps = 0
@@ -65,7 +66,7 @@ def bench_vector(source, recognizer, B: int, steps: int, seed: int, compute_rewa
                  cost: dict) -> dict:
     venv = gymnasium.make_vec("VideoLocators-v0", num_envs=B,
                               vectorization_mode="vector_entry_point", features=source,
-                              recognizer=recognizer, device="cpu", seed=seed,
+                              split=source.split, recognizer=recognizer, device="cpu", seed=seed,
                               compute_rewards=compute_rewards)
     inner = venv.unwrapped
     core = inner.core

@@ -4,8 +4,9 @@
 
 Three kinds of policy, all scored by ``agents.evaluate.evaluate_policy`` on the test split:
 
-1. a plain callable ``obs -> actions`` (numpy ``{"observation": [B,N,D], "alive": [B,N]}`` in,
-   integer ``[B, N]`` in {0: stop, 1..3: move that many strides} out);
+1. a plain callable ``obs -> actions`` (numpy ``{"observation": [B,N,D], "alive": [B,N],
+   "action_mask": [B,N,4]}`` in, integer ``[B, N]`` in {0: stop, 1..3: move that many strides}
+   out);
 2. a Tianshou policy (here the CTDE SAC learner's ``policy``; any Tianshou 2.x ``Policy`` over
    the ``VideoLocators-v0`` Dict observation works);
 3. a Stable-Baselines3 model trained on ``gymnasium.make("VideoLocators-v0", ...)``.

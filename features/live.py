@@ -46,6 +46,7 @@ from features.device import resolve_device
 from features.manifests import ManifestEntry, ManifestError, load_manifest
 from features.source import FrameSource
 from features.store import SPLITS
+from features.validation import require_int
 
 VideoRow = tuple[str | os.PathLike, int | str | None, str]
 
@@ -167,16 +168,17 @@ class LiveFrameSource(FrameSource):
             raise ValueError(f"fps must be positive, got {fps}")
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
-        if int(max_cached_videos) < 1:
-            raise ValueError(f"max_cached_videos must be >= 1, got {max_cached_videos}")
-        if int(extract_batch) < 1:
-            raise ValueError(f"extract_batch must be >= 1, got {extract_batch}")
+        max_cached_videos = require_int(max_cached_videos, "max_cached_videos", minimum=1)
+        extract_batch = require_int(extract_batch, "extract_batch", minimum=1)
+        workers = require_int(workers, "workers", minimum=0)
+        decoder_threads = require_int(decoder_threads, "decoder_threads", minimum=0)
         entries, names = _rows_from(videos, class_names)
         origin = str(videos) if isinstance(videos, (str, os.PathLike)) else "<rows>"
         entries = [e for e in entries if split is None or e.split == split]
         if not entries:
             raise ManifestError(origin, f"no videos in split {split!r}")
         self.entries = entries
+        self.split = split
         self.class_names = list(names)
         self.video_ids = [e.video_id for e in entries]
         self.labels = np.array([e.label for e in entries], dtype=np.int64)
@@ -195,9 +197,9 @@ class LiveFrameSource(FrameSource):
             self.readers.append(_LiveReader(entry.path, threads=decoder_threads))
         self.lengths = np.array([len(r.sample_times(self.fps)) for r in self.readers],
                                 dtype=np.int64)
-        self.workers = int(workers)
-        self.extract_batch = int(extract_batch)
-        self.max_cached_videos = int(max_cached_videos)
+        self.workers = workers
+        self.extract_batch = extract_batch
+        self.max_cached_videos = max_cached_videos
         self._cache: OrderedDict[int, dict[int, torch.Tensor]] = OrderedDict()
         self.reset_counters()
 

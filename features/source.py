@@ -25,8 +25,12 @@ class FrameSource(ABC):
 
     Attributes every source sets: ``feature_dim``, ``class_names``, ``gflops_per_frame``,
     ``flops_unit``, ``lengths`` (int64 ``[V]``, frames per video), ``labels`` (int64 ``[V]``),
-    ``video_ids`` (``list[str]``), ``device`` (where ``gather`` returns tensors).
+    ``video_ids`` (``list[str]``), ``device`` (where ``gather`` returns tensors). ``split`` is
+    the split the source serves (``"train"``, ``"val"``, ``"test"``), None when it is not one
+    split (all videos, or a store's own selection).
     """
+
+    split: str | None = None
 
     feature_dim: int
     class_names: list[str]
@@ -114,6 +118,7 @@ class CachedFrameSource(FrameSource):
             self.flat = torch.as_tensor(flat, device=self.device).to(dtype)
         offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
         self.offsets = torch.as_tensor(offsets, dtype=torch.long, device=self.device)
+        self._lengths_on_device = torch.as_tensor(self.lengths, device=self.device)
 
     def __getstate__(self) -> dict:
         # Pickle by path (the store reopens its file), not the feature tensor: vector envs
@@ -126,5 +131,36 @@ class CachedFrameSource(FrameSource):
         self.split = state["split"]
 
     def gather(self, videos: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Features of frame ``frames[k]`` of video ``videos[k]``; a video index outside the
+        split or a frame outside its video raises IndexError (without the check the flat
+        layout would silently return a neighbouring video's frame). The check costs one
+        ``any()``: nothing on the CPU, one device sync per call on a GPU."""
+        if videos.shape != frames.shape:
+            raise ValueError(f"{self._where()}: gather: videos {tuple(videos.shape)} and frames "
+                             f"{tuple(frames.shape)} differ in shape")
+        num_videos = len(self.lengths)
+        bad_video = (videos < 0) | (videos >= num_videos)
+        length = self._lengths_on_device[videos.clamp(0, num_videos - 1)]
+        bad = bad_video | (frames < 0) | (frames >= length)
+        if bool(bad.any()):
+            self._raise_out_of_range(videos, frames, bad)
         rows = self.flat[self.offsets[videos] + frames]
         return rows if rows.dtype == torch.float32 else rows.float()
+
+    def _where(self) -> str:
+        """The file and split this source serves, for error messages."""
+        split = "the store's selection" if self.split is None else f"split {self.split!r}"
+        return f"{self.store.path} ({split})"
+
+    def _raise_out_of_range(self, videos: torch.Tensor, frames: torch.Tensor,
+                            bad: torch.Tensor) -> None:
+        k = int(bad.nonzero()[0, 0])
+        video, frame = int(videos.reshape(-1)[k]), int(frames.reshape(-1)[k])
+        count = int(bad.sum())
+        if not 0 <= video < len(self.lengths):
+            raise IndexError(f"{self._where()}: gather: video index {video} outside "
+                             f"[0, {len(self.lengths)}) ({count} bad queries)")
+        raise IndexError(f"{self._where()}: gather: frame {frame} outside 0..."
+                         f"{int(self.lengths[video]) - 1} of video {self.video_ids[video]!r} "
+                         f"(index {video}, {int(self.lengths[video])} frames; {count} bad "
+                         "queries)")

@@ -349,3 +349,95 @@ def test_difference_credit_of_a_single_locator_is_the_team_reward():
     torch.testing.assert_close(core.credit[:, 0], out.reward, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="locator_credit needs compute_rewards"):
         make_core(locator_credit=True, compute_rewards=False)
+
+
+@pytest.mark.parametrize("rows", [None, torch.tensor([0, 2, 3])])
+def test_returned_tensors_are_not_overwritten_by_later_steps(rows):
+    """A caller that keeps ``out.observation``, ``alive``, ``p_gt`` ... of one step must still
+    hold that step's values after the next steps (the core writes its buffers in place)."""
+    core, _, _ = make_core([30, 40, 50, 60], batch=4)
+    k = 4 if rows is None else len(rows)
+    fields = ("observation", "alive", "positions", "frames_observed", "p_gt", "rows")
+    kept, snapshots = [], []
+    out = core.reset(torch.arange(4))
+    for _ in range(4):  # m = 4 moves of one stride: no row reaches its last frame
+        kept.append(out)
+        snapshots.append({f: getattr(out, f).clone() for f in fields})
+        out = core.step(torch.ones(k, 3, dtype=torch.long), rows=rows)
+    assert bool(out.done.all())
+    for out, snap in zip(kept, snapshots, strict=True):
+        for f in fields:
+            assert torch.equal(getattr(out, f), snap[f]), f
+
+
+def test_labels_outside_the_recognizers_classes_are_refused_when_the_core_is_built():
+    """A custom source whose labels exceed the recognizer's classes must fail at construction
+    with a message naming both, not inside a step's gather (a device-side assert on CUDA)."""
+    for label in (3, -2):
+        source = ArraySource([10, 12], labels=[0, label], classes=3)
+        with pytest.raises(ValueError, match=rf"'labels'.*'v1'.*label {label}.*num_classes=3"):
+            LocatorCore(source, tiny_recognizer(), device="cpu")
+    LocatorCore(ArraySource([10, 12], labels=[-1, 2]), tiny_recognizer(), device="cpu")
+
+
+def test_integer_settings_are_never_truncated():
+    """max_moves=2.9 used to become 2 through int(); non-integers (bools too) are refused."""
+    for name, bad in (("max_moves", 2.9), ("stride", 3.0), ("stride", True), ("max_moves", "4"),
+                      ("num_locators", 3.5), ("batch_size", 2.5)):
+        kw = {"num_locators": 3, name: bad}
+        with pytest.raises(TypeError, match=rf"{name} must be an integer"):
+            LocatorCore(ArraySource([10]), tiny_recognizer(), device="cpu", **kw)
+    core = LocatorCore(ArraySource([10]), tiny_recognizer(), device="cpu",
+                       max_moves=np.int64(2), stride=torch.tensor(1), batch_size=np.int32(2))
+    assert (core.max_moves, core.stride, core.batch_size) == (2, 1, 2)
+    assert type(core.max_moves) is int and type(core.stride) is int
+
+
+def test_a_source_on_another_device_is_refused_naming_both(tmp_path):
+    """Features on one device and the core on another used to fail later with an opaque
+    indexing error; construction now names both devices (meta stands in for a GPU here)."""
+    from env_helpers import write_tiny_h5
+
+    from features.source import CachedFrameSource
+
+    path = write_tiny_h5(tmp_path / "feats.h5", [10, 12])
+    source = CachedFrameSource(path, split="train", device="meta")
+    with pytest.raises(ValueError, match=r"feats\.h5.*on meta but the env runs on cpu"):
+        LocatorCore(source, tiny_recognizer(), device="cpu")
+    moved = ArraySource([10])
+    moved.device = torch.device("meta")
+    with pytest.raises(ValueError, match="ArraySource.*on meta but the env runs on cpu"):
+        LocatorCore(moved, tiny_recognizer(), device="cpu")
+    from vimo_env.core import same_device
+
+    assert same_device("cpu", torch.device("cpu")) and not same_device("cpu", "meta")
+
+
+def test_action_mask_stop_always_moves_only_before_the_last_frame():
+    """Batched legal actions: stop always; a locator at T-1 or a stopped one may only stop."""
+    core, _, _ = make_core([10, 1, 2, 13], batch=4, max_moves=2)
+    out = core.reset(torch.arange(4))
+
+    def by_hand():
+        mask = torch.zeros(4, 3, 4, dtype=torch.bool)
+        for b in range(4):
+            for i in range(3):
+                mask[b, i, 0] = True
+                movable = bool(core.alive[b, i]) and int(core.positions[b, i]) < int(
+                    core.lengths[b]) - 1
+                mask[b, i, 1:] = movable
+        return mask
+
+    assert torch.equal(out.action_mask, by_hand())
+    assert not out.action_mask[1, :, 1:].any()  # T = 1: every locator starts on the last frame
+    assert out.action_mask[0].all()
+    gen = torch.Generator().manual_seed(0)
+    while not bool(core.done.all()):
+        rows = (~core.done).nonzero(as_tuple=True)[0]
+        out = core.step(torch.randint(0, 4, (len(rows), 3), generator=gen), rows=rows)
+        expected = by_hand()
+        assert torch.equal(core.action_mask(), expected)
+        assert torch.equal(out.action_mask, expected[rows])
+        assert out.action_mask[..., 0].all()  # never all-false
+        assert not (out.action_mask[..., 1:] & ~out.alive[..., None]).any()
+    assert not core.action_mask()[..., 1:].any()  # everyone stopped

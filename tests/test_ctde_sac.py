@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
+import shutil
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from tianshou.data import Batch, ReplayBuffer
+from tianshou.data import Batch, ReplayBuffer, VectorReplayBuffer
 
 from agents.ctde_sac import (
     CentralCritic,
@@ -303,10 +305,26 @@ def test_training_is_deterministic_and_resumes(tmp_path):
     for x, y in zip(a.algorithm.parameters(), b.algorithm.parameters(), strict=True):
         assert torch.equal(x, y)
     # resume: the trainer continues from the logged counters up to the new total
+    for copy_name in ("noop", "again"):
+        shutil.copytree(tmp_path / "a", tmp_path / copy_name)
+    # nothing left to train: the result is exactly the checkpoint (a fresh learner is not)
+    noop = train_sac(toy_factory, config, env_steps=128, out_dir=tmp_path / "noop", resume=True)
+    assert noop.env_steps == 128 and noop.update_steps == a.update_steps
+    for x, y in zip(a.algorithm.parameters(), noop.algorithm.parameters(), strict=True):
+        assert torch.equal(x, y)
     c = train_sac(toy_factory, config, env_steps=192, out_dir=tmp_path / "a", resume=True)
     assert c.env_steps == 192
+    # one more epoch of 64 transitions: 4 collections of 16, each one update step
+    assert c.update_steps == a.update_steps + 4 and c.gradient_steps == (a.update_steps + 4) * 4
     assert not all(torch.equal(x, y) for x, y in zip(a.algorithm.parameters(),
                                                      c.algorithm.parameters(), strict=True))
+    # the replay buffer was reloaded and extended: warm-up 32 + 128 before, 64 after
+    assert len(VectorReplayBuffer.load_hdf5(str(tmp_path / "a" / "buffer.h5"))) == 32 + 128 + 64
+    # resuming is deterministic: the same checkpoint and buffer give the same learner
+    again = train_sac(toy_factory, config, env_steps=192, out_dir=tmp_path / "again",
+                      resume=True)
+    for x, y in zip(c.algorithm.parameters(), again.algorithm.parameters(), strict=True):
+        assert torch.equal(x, y)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_sac(toy_factory, config, env_steps=64, out_dir=tmp_path / "none", resume=True)
 
@@ -379,3 +397,139 @@ def test_epoch_callback_runs_after_every_epoch(tmp_path):
     assert calls == [(256, True), (512, True)]
     with pytest.raises(ValueError, match="epoch_callback needs out_dir"):
         train_sac(toy_factory, small_config(), env_steps=64, epoch_callback=callback)
+
+
+# --- discrete SAC's quantities by hand (Christodoulou 2019, per locator, CTDE critics) --------
+
+HAND_N, HAND_OBS = 2, 2
+
+
+def _fixed_(tensor: torch.Tensor, seed: int) -> None:
+    """Known weights: normal numbers from their own seeded generator, scaled by 0.5."""
+    with torch.no_grad():
+        tensor.copy_(0.5 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def _hand_algorithm(init_alpha: float = 0.5):
+    """CTDE SAC with single-layer actors and critics whose weights are fixed numbers; the
+    target critics get other numbers than the online ones."""
+    config = small_config(actor_hidden=(), critic_hidden=(), init_alpha=init_alpha,
+                          target_entropy_ratio=0.6)
+    algo = build_ctde_sac(HAND_OBS, HAND_N, config)
+    actor = algo.policy.actor.net[0]
+    _fixed_(actor.weight, 1)
+    _fixed_(actor.bias, 2)
+    for k, net in enumerate(_critics(algo)):
+        _fixed_(net.net[0].weight, 10 + k)
+        _fixed_(net.net[0].bias, 20 + k)
+    return algo
+
+
+def _critics(algo):
+    """(critic, critic2, target critic, target critic2) as CentralCritic modules (Tianshou
+    wraps the targets in an eval-mode wrapper that holds them as ``.module``)."""
+    return algo.critic, algo.critic2, algo.critic_old.module, algo.critic2_old.module
+
+
+def _hand_logits(algo, observation: torch.Tensor) -> torch.Tensor:
+    """Actor i: logits = obs_i W_i + b_i (its own observation only)."""
+    layer = algo.policy.actor.net[0]
+    return torch.stack([observation[:, i] @ layer.weight[i] + layer.bias[i]
+                        for i in range(HAND_N)], dim=1)
+
+
+def _hand_q(critic, observation, alive, actions) -> torch.Tensor:
+    """Q_i(s, . | a_-i) = W [s, alive, onehot(i), onehot(a_j) * alive_j for j != i (0 for j = i)]
+    + b, the centralized critic's input written out."""
+    layer = critic.net[0]
+    out = torch.zeros(observation.shape[0], HAND_N, 4)
+    for b in range(observation.shape[0]):
+        for i in range(HAND_N):
+            others = [F_one_hot(actions[b, j]) * float(alive[b, j]) if j != i
+                      else torch.zeros(4) for j in range(HAND_N)]
+            x = torch.cat([observation[b].reshape(-1), alive[b].float(), F_one_hot(i, HAND_N),
+                           *others])
+            out[b, i] = layer.weight @ x + layer.bias
+    return out
+
+
+def F_one_hot(index, size: int = 4) -> torch.Tensor:  # noqa: N802 - reads like F.one_hot
+    return torch.nn.functional.one_hot(torch.as_tensor(index), size).float()
+
+
+def _hand_batch():
+    observation = torch.tensor([[[0.2, -0.5], [0.9, 0.1]],
+                                [[-0.7, 0.4], [0.3, 0.8]],
+                                [[0.5, 0.5], [-0.2, -0.9]]])
+    alive = torch.tensor([[True, True], [True, False], [False, True]])
+    return observation, alive
+
+
+def test_soft_value_of_the_next_state_by_hand():
+    """V_i(s') = sum_a pi_i(a|s') [min_j Q'_j(s', a | a'_-i) - alpha log pi_i(a|s')], with
+    a'_-i sampled from the current actors and the *target* critics; 0 for stopped locators."""
+    algo = _hand_algorithm()
+    observation, alive = _hand_batch()
+    logits = _hand_logits(algo, observation)
+    obs_batch = Batch(obs=Batch(observation=observation.numpy(), alive=alive.numpy()))
+    torch.manual_seed(11)
+    got = algo._target_q_compute_value(obs_batch, Batch(logits=logits))
+    torch.manual_seed(11)  # the same draw of the other locators' next actions
+    sampled = torch.distributions.Categorical(logits=logits).sample()
+    alpha = 0.5
+    target1, target2 = _critics(algo)[2:]
+    q1, q2 = _hand_q(target1, observation, alive, sampled), _hand_q(target2, observation, alive,
+                                                                    sampled)
+    q = torch.min(q1, q2)
+    assert (q1 < q2).any() and (q2 < q1).any()  # both twins matter in the min
+    expected = torch.zeros(3, HAND_N)
+    for b in range(3):
+        for i in range(HAND_N):
+            pi = torch.softmax(logits[b, i], 0)
+            value = (pi * (q[b, i] - alpha * torch.log(pi))).sum()
+            expected[b, i] = value if alive[b, i] else 0.0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert expected[1, 1] == 0 and expected[2, 0] == 0 and (expected[alive] != 0).all()
+    # the online critics would give another value: the target networks are the ones used
+    online = torch.min(_hand_q(algo.critic, observation, alive, sampled),
+                       _hand_q(algo.critic2, observation, alive, sampled))
+    assert not torch.allclose(online, q)
+
+
+def test_actor_and_alpha_losses_by_hand():
+    """Actor loss: mean over alive (sample, locator) of pi^T (alpha log pi - min_j Q_j(s, . |
+    a_-i)), the buffer's other actions in the critics; alpha loss (Tianshou's log-alpha form
+    of Eq. 11): -mean(log alpha * (target entropy - H(pi)))."""
+    algo = _hand_algorithm(init_alpha=0.5)
+    observation, alive = _hand_batch()
+    act = torch.tensor([[1, 3], [2, 0], [0, 1]])
+    returns = torch.tensor([[0.3, -0.1], [0.5, 0.0], [0.0, 0.2]])
+    logits = _hand_logits(algo, observation).detach()  # the actors before their step
+    log_alpha = math.log(0.5)
+    batch = Batch(obs=Batch(observation=observation.numpy(), alive=alive.numpy().astype(np.int8)),
+                  act=act.numpy(), returns=returns)
+    stats = algo._update_with_batch(batch)
+    # the actor loss is computed after the critics' step: use the critics as they are now
+    q1 = _hand_q(algo.critic, observation, alive, act).detach()
+    q2 = _hand_q(algo.critic2, observation, alive, act).detach()
+    q = torch.min(q1, q2)
+    assert (q1[alive] < q2[alive]).any() and (q2[alive] < q1[alive]).any()
+    losses, entropies = [], []
+    for b in range(3):
+        for i in range(HAND_N):
+            if not alive[b, i]:
+                continue
+            pi = torch.softmax(logits[b, i], 0)
+            logpi = torch.log(pi)
+            losses.append((pi * (0.5 * logpi - q[b, i])).sum())
+            entropies.append(-(pi * logpi).sum())
+    assert len(losses) == 4  # stopped locators are left out
+    assert stats.actor_loss == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
+    target_entropy = 0.6 * math.log(4)
+    entropy = torch.stack(entropies)
+    expected_alpha_loss = float(-(log_alpha * (target_entropy - entropy)).mean())
+    assert stats.alpha_loss == pytest.approx(expected_alpha_loss, abs=1e-6)
+    # Adam's first step moves log alpha by lr against the gradient's sign: alpha rises when
+    # the policy's entropy is below the target and falls when above
+    step = 1e-3 * np.sign(float((target_entropy - entropy).mean()))
+    assert math.log(stats.alpha) == pytest.approx(log_alpha + step, abs=1e-6)

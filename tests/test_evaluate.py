@@ -66,7 +66,28 @@ def test_initial_policy_and_costs(test_source, recognizer):
     # cost is linear in frames: backbone + F_T per frame, plus one F_M per video
     per_frame = (allf.gflops_per_video - sel.gflops_per_video) / (allf.frames_per_video - 3)
     assert per_frame > test_source.gflops_per_frame
-    assert res.mAP == pytest.approx(mean_average_precision(res.scores, test_source.labels))
+    # mAP and top-1 recomputed independently: AP by hand = mean precision at each positive's
+    # rank (scores are continuous: no ties), over the classes present
+    labels = np.asarray(test_source.labels)
+    aps = []
+    for c in np.unique(labels):
+        hits = (labels == c)[np.argsort(-res.scores[:, c], kind="stable")]
+        aps.append((np.cumsum(hits) / np.arange(1, len(hits) + 1))[hits].mean())
+    assert len(np.unique(res.scores)) == res.scores.size  # no ties
+    assert res.mAP == pytest.approx(100 * np.mean(aps), abs=1e-9)
+    assert res.top1 == pytest.approx(100 * np.mean(res.scores.argmax(1) == labels))
+
+
+def test_mean_average_precision_on_known_numbers():
+    """AP of a ranking by hand (precision at each positive, averaged); a class with no
+    positive (class 2) is skipped."""
+    scores = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.5, 0.1, 0.4],
+                       [0.55, 0.7, 0.1], [0.1, 0.8, 0.1]])
+    labels = np.array([0, 1, 0, 1, 1])
+    # class 0 ranking: v0 (pos), v1, v3, v2 (pos), v4 -> AP (1/1 + 2/4) / 2 = 0.75
+    # class 1 ranking: v4 (pos), v3 (pos), v1 (pos), v2, v0 -> AP 1
+    expected = 100 * (0.75 + 1.0) / 2
+    assert mean_average_precision(scores, labels) == pytest.approx(expected)
 
 
 def test_deterministic_and_batch_size_independent(test_source, recognizer):
@@ -85,8 +106,8 @@ def test_plugins_callable_tianshou_sb3_agree(tiny_dataset, test_source, recogniz
     via_tianshou = evaluate_policy(TianshouPolicy(algo.policy), test_source, recognizer)
     np.testing.assert_allclose(direct.scores, via_tianshou.scores, atol=1e-6)
     assert direct.frames_per_video == via_tianshou.frames_per_video
-    # the actor's own cost is counted for the CTDE adapter only
-    assert direct.gflops_per_video > via_tianshou.gflops_per_video
+    # both are charged the actor: per alive decision (CTDE), per running row and step (Tianshou)
+    assert via_tianshou.gflops_per_video > direct.gflops_per_video
 
     def greedy(obs):  # a plain callable: locator 0 moves 1 stride, the others stop
         act = np.zeros(obs["alive"].shape, dtype=np.int64)
@@ -107,7 +128,8 @@ def test_plugins_callable_tianshou_sb3_agree(tiny_dataset, test_source, recogniz
     model = PPO("MultiInputPolicy", env, n_steps=16, batch_size=16, seed=0, device="cpu")
     assert isinstance(as_policy(model), SB3Policy)
     sb3 = evaluate_policy(model, test_source, recognizer)
-    obs = {"observation": np.zeros((2, 3, obs_dim), np.float32), "alive": np.ones((2, 3), np.int8)}
+    obs = {"observation": np.zeros((2, 3, obs_dim), np.float32), "alive": np.ones((2, 3), np.int8),
+           "action_mask": np.ones((2, 3, 4), np.int8)}
     assert sb3.name == "sb3" and np.asarray(model.predict(obs)[0]).shape == (2, 3)
     assert 3 <= sb3.frames_per_video <= 15
 
@@ -150,3 +172,73 @@ def test_ctde_sampling_policy_is_seeded(test_source, recognizer):
 
     assert run(0) == run(0)
     assert run(0) != run(1)
+
+
+def _linear_flops(*modules: torch.nn.Module) -> float:
+    """2 x multiply-accumulates of every nn.Linear in ``modules``, by hand."""
+    return float(sum(2 * m.in_features * m.out_features for mod in modules
+                     for m in mod.modules() if isinstance(m, torch.nn.Linear)))
+
+
+@pytest.mark.parametrize("unit, per_unit", [("MACs", 0.5), ("FLOPs", 1.0)])
+def test_every_cost_is_in_the_files_unit_and_learners_are_charged(tiny_dataset, recognizer,
+                                                                  unit, per_unit):
+    """Backbone, recognizer and policy costs share the file's unit (the actor used to be in
+    MACs whatever the file said), and Tianshou / SB3 policies pay for their network."""
+    from env_helpers import ArraySource
+
+    from agents.policies import PolicyFlops
+
+    lengths = [30, 41, 52, 35, 60, 44]
+    source = ArraySource(lengths, [0, 1, 2, 3, 4, 5], dim=recognizer.config.feature_dim,
+                         classes=recognizer.config.num_classes, gflops_per_frame=2.0,
+                         flops_unit=unit)
+    cost = recognizer.flops()
+    obs_dim, hidden = recognizer.embedding_dim + 3, 16
+
+    def expected(res, per_decision=0.0, per_row_step=0.0):
+        flops = (res.frames_per_video * cost["temporal_per_frame"] + cost["integration"]
+                 + res.extra["decisions_per_video"] * per_decision
+                 + res.extra["steps_per_video"] * per_row_step)
+        return res.frames_per_video * 2.0 + flops * per_unit / 1e9
+
+    torch.manual_seed(1)
+    algo = build_ctde_sac(obs_dim, 3, SACConfig(actor_hidden=(hidden,), critic_hidden=(16,)))
+    actor_flops = 2 * (obs_dim * hidden + hidden * 4)  # one locator's two ensemble layers
+    direct = evaluate_policy(algo, source, recognizer)
+    assert direct.gflops_per_video == pytest.approx(expected(direct, per_decision=actor_flops))
+    assert as_policy(algo).inference_flops(torch.zeros(1, 3, obs_dim),
+                                           torch.ones(1, 3, dtype=torch.bool)) == PolicyFlops(
+        per_decision=actor_flops)
+    via_tianshou = evaluate_policy(TianshouPolicy(algo.policy), source, recognizer)
+    assert via_tianshou.gflops_per_video == pytest.approx(
+        expected(via_tianshou, per_row_step=3 * actor_flops))
+
+    from stable_baselines3 import PPO
+
+    from vimo_env.gym_env import VideoLocatorsEnv
+
+    env = VideoLocatorsEnv(features=tiny_dataset, recognizer=recognizer, device="cpu", seed=0)
+    model = PPO("MultiInputPolicy", env, n_steps=16, batch_size=16, seed=0, device="cpu",
+                policy_kwargs=dict(net_arch=[8]))
+    sb3 = evaluate_policy(model, source, recognizer)
+    policy = model.policy
+    forward = _linear_flops(policy.features_extractor, policy.mlp_extractor.policy_net,
+                            policy.action_net)
+    assert forward > 0
+    assert sb3.gflops_per_video == pytest.approx(expected(sb3, per_row_step=forward))
+
+
+def test_an_unknown_flops_unit_is_refused(recognizer):
+    from env_helpers import ArraySource
+
+    from vimo_env.core import LocatorCore
+    from vimo_env.costs import flops_in_unit
+
+    source = ArraySource([30], dim=recognizer.config.feature_dim,
+                         classes=recognizer.config.num_classes, flops_unit="GFLOPs")
+    with pytest.raises(ValueError, match="field 'flops_unit'.*'GFLOPs'"):
+        LocatorCore(source, recognizer, device="cpu")
+    with pytest.raises(ValueError, match="my.h5: field 'flops_unit'"):
+        flops_in_unit(10.0, "flops", "my.h5")
+    assert flops_in_unit(10.0, "MACs") == 5.0 and flops_in_unit(10.0, "FLOPs") == 10.0

@@ -58,7 +58,7 @@ def test_joint_env_episode(h5):
     assert info["position"].tolist() == [0, 6, 9]
     obs, r2, term, trunc, info = env.step(np.array([3, 0, 2]))  # dead locator 0: ignored
     assert term is True and info["position"].tolist() == [0, 6, 9]
-    ep = info["episode"]
+    ep = info["vimo_episode"]
     assert ep["frames"] == 5 and ep["l"] == 2
     assert ep["r"] == pytest.approx(r1 + r2)
     assert r1 + r2 == pytest.approx(ep["scores"][ep["label"]] - p0 - 0.1 * 2, abs=1e-5)
@@ -95,10 +95,10 @@ def test_make_vec_native_and_autoreset_next_step(h5):
         assert obs["alive"][prev_done].all()
         returns[~prev_done] += rew[~prev_done]
         if term.any():
-            assert info["_episode"].tolist() == term.tolist()
-            np.testing.assert_allclose(info["episode"]["r"][term], returns[term])
-            assert (info["episode"]["frames"][term] >= 3).all()
-            assert all(v.startswith("vid") for v in info["episode"]["video_id"][term])
+            assert info["_vimo_episode"].tolist() == term.tolist()
+            np.testing.assert_allclose(info["vimo_episode"]["r"][term], returns[term])
+            assert (info["vimo_episode"]["frames"][term] >= 3).all()
+            assert all(v.startswith("vid") for v in info["vimo_episode"]["video_id"][term])
             finished += int(term.sum())
         returns[term] = 0.0
         returns[prev_done] = rew[prev_done]
@@ -232,3 +232,129 @@ def test_locator_credit_info_in_every_gymnasium_front_end(h5):
         np.testing.assert_allclose(single_info["locator_credit"], info["locator_credit"][b],
                                    atol=1e-6)
     assert "locator_credit" not in VideoLocatorsVectorEnv(num_envs=2, **kwargs(h5)).reset()[1]
+
+
+def test_integer_arguments_are_never_truncated(h5):
+    """num_envs=2.9 or options={"video": 1.5} used to be truncated by int()."""
+    with pytest.raises(TypeError, match="num_envs must be an integer"):
+        VideoLocatorsVectorEnv(num_envs=2.9, **kwargs(h5))
+    with pytest.raises(TypeError, match="max_moves must be an integer"):
+        VideoLocatorsEnv(**kwargs(h5, max_moves=2.9))
+    env = VideoLocatorsEnv(**kwargs(h5))
+    for bad in (1.5, 2.0, True, "1"):
+        with pytest.raises(TypeError, match=r"options\['video'\] must be an integer"):
+            env.reset(options={"video": bad})
+    _, info = env.reset(options={"video": np.int64(1)})
+    assert info["position"].tolist() == [0, 2, 4]  # video 1 has 7 frames
+
+
+def test_gymnasium_and_sb3_episode_wrappers_work_unchanged(h5):
+    """RecordEpisodeStatistics (single and vector) and SB3's Monitor own info["episode"]; our
+    statistics live under info["vimo_episode"] next to theirs."""
+    from gymnasium.wrappers import RecordEpisodeStatistics
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics as RecordVectorStatistics
+    from stable_baselines3.common.env_util import make_vec_env
+
+    env = RecordEpisodeStatistics(VideoLocatorsEnv(**kwargs(h5)))
+    env.reset(seed=0)
+    total, terminated, steps = 0.0, False, 0
+    while not terminated:
+        _, reward, terminated, _, info = env.step(np.array([1, 2, 1]))
+        total, steps = total + reward, steps + 1
+    assert info["episode"]["r"] == pytest.approx(total) and info["episode"]["l"] == steps
+    assert info["vimo_episode"]["r"] == pytest.approx(total)
+    assert info["vimo_episode"]["frames"] == int(info["frames"].sum())
+
+    venv = RecordVectorStatistics(gymnasium.make_vec(
+        "VideoLocators-v0", num_envs=3, vectorization_mode="vector_entry_point", **kwargs(h5)))
+    venv.reset(seed=0)
+    seen = 0
+    for _ in range(12):
+        _, _, term, _, info = venv.step(np.ones((3, 3), dtype=np.int64))
+        if term.any():
+            assert info["_episode"].tolist() == term.tolist()
+            assert info["_vimo_episode"].tolist() == term.tolist()
+            np.testing.assert_allclose(info["episode"]["r"][term],
+                                       info["vimo_episode"]["r"][term], rtol=1e-6)
+            seen += int(term.sum())
+    assert seen >= 3
+
+    sb3 = make_vec_env(VideoLocatorsEnv, n_envs=2, seed=0, env_kwargs=kwargs(h5))  # + Monitor
+    sb3.reset()
+    found = []
+    for _ in range(12):
+        _, rewards, dones, infos = sb3.step(np.ones((2, 3), dtype=np.int64))
+        found += [info for info, done in zip(infos, dones, strict=True) if done]
+    assert found
+    for info in found:
+        assert set(info["episode"]) == {"r", "l", "t"}  # Monitor's own
+        assert info["episode"]["r"] == pytest.approx(info["vimo_episode"]["r"], rel=1e-5)
+        assert info["episode"]["l"] == info["vimo_episode"]["l"]
+        assert info["vimo_episode"]["video_id"].startswith("vid")
+
+
+def test_observations_carry_the_action_mask(h5):
+    env = VideoLocatorsEnv(**kwargs(h5))
+    obs, _ = env.reset(options={"video": 3})  # T = 1: every locator is on the last frame
+    assert env.observation_space.contains(obs) and obs["action_mask"].shape == (3, 4)
+    assert obs["action_mask"].tolist() == [[1, 0, 0, 0]] * 3
+    assert env.action_masks().tolist() == [True, False, False, False] * 3
+    obs, _ = env.reset(options={"video": 0})
+    obs, *_ = env.step(np.array([0, 1, 3]))  # 0 stops, 2 lands on the last frame
+    assert obs["action_mask"].tolist() == [[1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert env.action_masks().tolist() == obs["action_mask"].reshape(-1).astype(bool).tolist()
+    venv = VideoLocatorsVectorEnv(num_envs=4, **kwargs(h5, sampler="sweep"))
+    obs, _ = venv.reset()
+    assert venv.observation_space.contains(obs) and obs["action_mask"].shape == (4, 3, 4)
+    assert obs["action_mask"][3].tolist() == [[1, 0, 0, 0]] * 3  # row 3 plays video 3 (T = 1)
+    assert venv.action_masks().shape == (4, 12)
+
+
+def test_maskable_ppo_only_takes_legal_actions(h5):
+    """A masked learner (sb3-contrib MaskablePPO) trains on the env's action_masks() and never
+    picks an illegal action; the evaluation harness passes it the masks too."""
+    sb3_contrib = pytest.importorskip("sb3_contrib")
+    from agents.evaluate import evaluate_policy
+    from features.source import CachedFrameSource
+
+    env = VideoLocatorsEnv(**kwargs(h5))
+    model = sb3_contrib.MaskablePPO("MultiInputPolicy", env, n_steps=32, batch_size=32,
+                                    n_epochs=1, seed=0, device="cpu",
+                                    policy_kwargs=dict(net_arch=[16]))
+    model.learn(total_timesteps=64)
+    checked = 0
+    for video in range(len(LENGTHS)):
+        obs, _ = env.reset(options={"video": video})
+        terminated = False
+        while not terminated:
+            mask = env.action_masks().reshape(3, 4)
+            action, _ = model.predict(obs, action_masks=env.action_masks(), deterministic=False)
+            assert mask[np.arange(3), action].all()
+            checked += int((~mask[:, 1:]).all(1).sum())  # locators that could only stop
+            obs, _, terminated, _, _ = env.step(action)
+    assert checked > 0
+    source = CachedFrameSource(h5, split="train", device="cpu")
+    result = evaluate_policy(model, source, env.core.recognizer)
+    assert 3 <= result.frames_per_video <= 15
+
+
+def test_seed_fixes_the_action_spaces_too(h5):
+    """seed= (constructor) and reset(seed=) seed action_space.sample() as well."""
+    def samples(env, count=8):
+        return [env.action_space.sample().tolist() for _ in range(count)]
+
+    a, b = VideoLocatorsEnv(**kwargs(h5, seed=5)), VideoLocatorsEnv(**kwargs(h5, seed=5))
+    assert samples(a) == samples(b)
+    assert samples(VideoLocatorsEnv(**kwargs(h5, seed=6))) != samples(
+        VideoLocatorsEnv(**kwargs(h5, seed=5)))
+    a.reset(seed=9)
+    b.reset(seed=9)
+    first = samples(a)
+    assert samples(b) == first
+    a.reset(seed=9)
+    assert samples(a) == first  # reset(seed) restarts the action stream
+    va = VideoLocatorsVectorEnv(num_envs=3, **kwargs(h5, seed=5))
+    vb = VideoLocatorsVectorEnv(num_envs=3, **kwargs(h5, seed=5))
+    assert samples(va) == samples(vb)
+    assert [va.single_action_space.sample().tolist() for _ in range(4)] == [
+        vb.single_action_space.sample().tolist() for _ in range(4)]

@@ -171,3 +171,50 @@ def test_locator_credit_per_agent(h5):
     assert [infos[f"locator_{i}"]["locator_credit"] for i in range(3)] == credit
     assert credit[1] == 0.0 and credit[0] != 0.0
     assert "locator_credit" not in make(h5, seed=0).reset(seed=0)[1]["locator_0"]
+
+
+def test_video_option_and_sizes_must_be_integers(h5):
+    env = make(h5, seed=0)
+    for bad in (1.5, 1.0, False):
+        with pytest.raises(TypeError, match=r"options\['video'\] must be an integer"):
+            env.reset(options={"video": bad})
+    with pytest.raises(TypeError, match="stride must be an integer"):
+        make(h5, stride=2.5)
+
+
+def test_a_split_that_contradicts_the_source_object_is_refused(h5):
+    from features.source import CachedFrameSource
+
+    val = CachedFrameSource(h5, split="val", device="cpu")
+    with pytest.raises(ValueError, match=r"split='train' contradicts .*'val'.*tiny\.h5"):
+        vimo_env.parallel_env(features=val, recognizer=tiny_recognizer(), device="cpu")
+    for split in ("val", None):  # agreeing or unspecified: the source as it is
+        env = vimo_env.parallel_env(features=val, split=split, recognizer=tiny_recognizer(),
+                                    device="cpu")
+        assert env.source is val and env.source.num_videos == 2
+
+
+def test_infos_carry_each_agents_action_mask(h5):
+    env = make(h5, seed=0)
+    _, infos = env.reset(options={"video": 0})  # T = 10, starts 0, 3, 6
+    for info in infos.values():
+        assert info["action_mask"].tolist() == [1, 1, 1, 1] and info["action_mask"].dtype == np.int8
+    # locator_2 jumps to the last frame (6 + 9 -> 9): it may only stop now; locator_0 stops
+    _, _, terms, _, infos = env.step({"locator_0": 0, "locator_1": 1, "locator_2": 3})
+    assert infos["locator_0"]["action_mask"].tolist() == [1, 0, 0, 0] and terms["locator_0"]
+    assert infos["locator_1"]["action_mask"].tolist() == [1, 1, 1, 1]
+    assert infos["locator_2"]["position"] == 9
+    assert infos["locator_2"]["action_mask"].tolist() == [1, 0, 0, 0]
+    # the mask works as Gymnasium's sampling mask
+    assert env.action_space("locator_2").sample(infos["locator_2"]["action_mask"]) == 0
+
+
+def test_constructor_seed_fixes_the_action_spaces(h5):
+    def samples(env):
+        return [[env.action_space(a).sample() for a in env.possible_agents] for _ in range(10)]
+
+    assert samples(make(h5, seed=4)) == samples(make(h5, seed=4))
+    assert samples(make(h5, seed=4)) != samples(make(h5, seed=5))
+    env = make(h5, seed=4)
+    env.reset(seed=4)
+    assert samples(env) == samples(make(h5, seed=4))  # the constructor seeds as reset(seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -170,29 +169,60 @@ def test_selection_scores_are_mean_true_class_probability_or_map(full_run, tiny_
         replace(saved, stage3_critic_warmup=-1)
 
 
+class Interrupted(Exception):
+    """Stands in for a crash (power loss, pre-emption) in the middle of a training part."""
+
+
 def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run, tiny_dataset,
-                                                             tmp_path):
-    _, reference = full_run
+                                                             tmp_path, monkeypatch):
+    """Stage II is interrupted after its first epoch (of two), at the moment its second epoch
+    would be checkpointed; --resume must train the missing epoch from the epoch-1 checkpoint
+    and end with the same counters as an uninterrupted run."""
+    import agents.ctde_sac as ctde_sac
+
+    reference_dir, reference = full_run
     args = ["--dataset", str(tiny_dataset), "--budget", "tiny", "--out", str(tmp_path),
             "--seed", "0", "--no-progress"]
-    # interrupted after Stage I, and in the middle of Stage II (its last epoch lost)
-    run_marl.main(args + ["--stop-after", "II"])
-    stage1 = tmp_path / "train" / "stage1" / "stage1_best.pt"
-    stage1_bytes = stage1.read_bytes()
-    stage1_mtime = stage1.stat().st_mtime_ns
-    assert (tmp_path / "train" / "stage2" / "buffer.h5").is_file()  # kept for a resume
-    (tmp_path / "train" / "stage2" / "done.json").unlink()
-    shutil.rmtree(tmp_path / "train" / "stage3", ignore_errors=True)
+    stage2 = tmp_path / "train" / "stage2"
+    saves: list[tuple[str, int]] = []  # (part, epoch) of every checkpoint.pt written
+    original = ctde_sac.save_checkpoint
+    interrupt_at: tuple[str, int] | None = ("stage2", 2)
+
+    def save_or_crash(algorithm, path, **extra):
+        path = Path(path)
+        if path.name == "checkpoint.pt":
+            part = path.parent.name if path.parent.name != "sac" else path.parent.parent.name
+            if (part, extra.get("epoch")) == interrupt_at:
+                raise Interrupted(f"crash before {part} epoch {extra['epoch']} was saved")
+            saves.append((part, extra.get("epoch")))
+        return original(algorithm, path, **extra)
+
+    monkeypatch.setattr(ctde_sac, "save_checkpoint", save_or_crash)
+    with pytest.raises(Interrupted):
+        run_marl.main(args)
+    assert saves == [("stage2", 1)]  # Stage II stopped after its first of two epochs
+    assert not (stage2 / "done.json").exists() and (stage2 / "buffer.h5").is_file()
     assert not (tmp_path / "train" / "stage3").exists()
+    interrupted = torch.load(stage2 / "checkpoint.pt", weights_only=False)["extra"]
+    stage1 = tmp_path / "train" / "stage1" / "stage1_best.pt"
+    stage1_bytes, stage1_mtime = stage1.read_bytes(), stage1.stat().st_mtime_ns
+
+    interrupt_at, saves[:] = None, []
     resumed = run_marl.main(args + ["--resume"])
-    # Stage I was not redone; Stage II continued from its checkpoint; Stage III ran
+    # Stage I was not redone; Stage II trained exactly its missing second epoch, then Stage III
     assert stage1.stat().st_mtime_ns == stage1_mtime and stage1.read_bytes() == stage1_bytes
-    assert (tmp_path / "train" / "stage2" / "done.json").is_file()
+    assert saves[:2] == [("stage2", 2), ("stage2", -1)]
+    assert [p for p, _ in saves[2:]] and all(p == "round0" for p, _ in saves[2:])
+    done = json.loads((stage2 / "done.json").read_text())
+    expected = json.loads((reference_dir / "train" / "stage2" / "done.json").read_text())
+    for counter in ("env_steps", "update_steps", "gradient_steps"):
+        assert done[counter] == expected[counter] > 0, counter
+    assert done["env_steps"] == 2 * interrupted["env_step"]  # the second epoch really ran
+    assert done["update_steps"] > interrupted["gradient_step"]
     assert (tmp_path / "train" / "stage3" / "round0" / "sac" / "checkpoint.pt").is_file()
-    assert (tmp_path / "results.json").is_file()
     ref = {p["name"]: p for p in reference["policies"]}
     got = {p["name"]: p for p in resumed["policies"]}
-    # policies that do not depend on Stage II/III's learning match the uninterrupted run
+    # what does not depend on Stage II/III's learning matches the uninterrupted run
     for name in ("all", "uniform-50", "initial"):
         assert got[name]["frames_per_video"] == ref[name]["frames_per_video"]
     assert resumed["stages"][0] == reference["stages"][0]

@@ -136,3 +136,19 @@ def test_pickles_by_path_not_by_tensor(tmp_path: Path) -> None:
     videos, frames = random_queries(source, 30)
     torch.testing.assert_close(copy.gather(videos, frames), source.gather(videos, frames),
                                rtol=0, atol=0)
+
+
+def test_gather_refuses_frames_outside_their_video(path: Path) -> None:
+    """A frame past a video's end would read the next video's rows of the flat tensor."""
+    source = CachedFrameSource(path, split="train", device="cpu")
+    last = int(source.lengths[0]) - 1
+    ok = source.gather(torch.tensor([0, 0]), torch.tensor([0, last]))
+    assert ok.shape == (2, source.feature_dim)
+    video_id = source.video_ids[0]
+    for frames in ([last + 1], [-1]):
+        with pytest.raises(IndexError, match=rf"{path.name}.*'train'.*{video_id}"):
+            source.gather(torch.tensor([0]), torch.tensor(frames))
+    with pytest.raises(IndexError, match=rf"video index {source.num_videos} outside"):
+        source.gather(torch.tensor([source.num_videos]), torch.tensor([0]))
+    with pytest.raises(IndexError, match="video index -1"):
+        source.gather(torch.tensor([-1]), torch.tensor([0]))

@@ -24,8 +24,8 @@ every alive locator that moves), and calls ``source.begin_episodes(videos)`` on 
 
 Cost accounting (SPEC section 2): GFLOPs per video = ``F * gflops_per_frame`` of the source
 plus the recognizer's inference cost, ``F`` F_T updates and one F_M + classifier evaluation,
-all in the feature file's unit (``flops_unit``, "MACs" or "FLOPs"; torch's FlopCounterMode
-counts FLOPs = 2 x MACs and is converted).
+all in the feature file's unit (``flops_unit``, "MACs" or "FLOPs"; any other unit is refused):
+see :mod:`vimo_env.costs`, the one place that converts torch's FLOP counts.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import torch
 
 from features.device import resolve_device
 from features.source import FrameSource
+from features.validation import require_int
+from vimo_env.costs import check_flops_unit, recognizer_gflops
 from vimo_env.recognizer import Recognizer
 
 NUM_ACTIONS = 4  # stop, or move 1/2/3 strides forward
@@ -126,7 +128,9 @@ class CoreObs:
 
     ``observation [K, N, obs_dim]``, ``alive [K, N]``, ``positions [K, N]``,
     ``frames_observed [K, N]``, ``p_gt [K]`` (``P_0``; NaN without ``compute_rewards``),
-    ``rows [K]``.
+    ``rows [K]``, ``action_mask [K, N, 4]`` (each locator's legal actions, see
+    :meth:`LocatorCore.action_mask`). Every tensor is a copy the caller may keep: later steps
+    never change it.
     """
 
     rows: torch.Tensor
@@ -135,6 +139,7 @@ class CoreObs:
     positions: torch.Tensor
     frames_observed: torch.Tensor
     p_gt: torch.Tensor
+    action_mask: torch.Tensor
 
 
 @dataclass
@@ -152,6 +157,40 @@ class CoreStep(CoreObs):
     moved: torch.Tensor
     done: torch.Tensor
     finished: EpisodeBatch | None
+
+
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
+    """Whether two devices are the same one (``"cuda"`` is the current CUDA device)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.index == b.index or a.index is None or b.index is None
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
+def source_name(source: FrameSource) -> str:
+    """How error messages name a frame source: its file (and split) when it has one."""
+    store = getattr(source, "store", None)
+    path = getattr(store, "path", None) or getattr(source, "path", None)
+    split = getattr(source, "split", None)
+    name = str(path) if path is not None else f"frame source {type(source).__name__}"
+    return name if split is None else f"{name} (split {split!r})"
+
+
+def check_labels(source: FrameSource, num_classes: int) -> None:
+    """Refuse labels the recognizer cannot score: each must be -1 (unlabeled) or a class index
+    below the recognizer's ``num_classes``. Checked once when a core is built; a bad label would
+    otherwise fail deep inside a step's ``gather`` (a device-side assert on CUDA)."""
+    labels = np.asarray(source.labels)
+    bad = np.flatnonzero((labels < -1) | (labels >= num_classes))
+    if len(bad):
+        k = int(bad[0])
+        raise ValueError(
+            f"{source_name(source)}: field 'labels': video {source.video_ids[k]!r} has label "
+            f"{int(labels[k])}, but the recognizer has num_classes={num_classes} (labels must "
+            f"be -1 or in 0..{num_classes - 1}; {len(bad)} videos are outside)")
 
 
 class LocatorCore:
@@ -189,12 +228,9 @@ class LocatorCore:
         device: str | torch.device = "auto",
         batch_size: int | None = None,
     ) -> None:
-        if int(num_locators) < 1:
-            raise ValueError(f"num_locators must be >= 1, got {num_locators}")
-        if int(max_moves) < 1:
-            raise ValueError(f"max_moves must be >= 1, got {max_moves}")
-        if int(stride) < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+        num_locators = require_int(num_locators, "num_locators", minimum=1)
+        max_moves = require_int(max_moves, "max_moves", minimum=1)
+        stride = require_int(stride, "stride", minimum=1)
         if not np.isfinite(frame_cost):
             raise ValueError(f"frame_cost must be finite, got {frame_cost}")
         cfg = recognizer.config
@@ -214,12 +250,19 @@ class LocatorCore:
             )
         if np.any(np.asarray(source.lengths) < 1):
             raise ValueError("frame source has a video with no frames (lengths must be >= 1)")
+        check_labels(source, cfg.num_classes)
         self.source = source
         self.device = resolve_device(device)
+        source_device = getattr(source, "device", None)
+        if source_device is not None and not same_device(source_device, self.device):
+            raise ValueError(f"{source_name(source)}: the frame source serves features on "
+                             f"{source_device} but the env runs on {self.device}; build the "
+                             f"source with device={str(self.device)!r} or pass the env "
+                             f"device={str(source_device)!r}")
         self.recognizer = recognizer.to(self.device)  # run in eval mode per call, see step()
-        self.num_locators = int(num_locators)
-        self.max_moves = int(max_moves)
-        self.stride = int(stride)
+        self.num_locators = num_locators
+        self.max_moves = max_moves
+        self.stride = stride
         self.frame_cost = float(frame_cost)
         self.compute_rewards = bool(compute_rewards)
         if locator_credit and not compute_rewards:
@@ -228,19 +271,17 @@ class LocatorCore:
         self.hidden_dim = recognizer.embedding_dim
         self.obs_dim = self.hidden_dim + 3
         self.num_classes = cfg.num_classes
-        self.flops_unit = source.flops_unit
+        self.flops_unit = check_flops_unit(source.flops_unit, source_name(source))
         self._lengths_all = torch.as_tensor(np.asarray(source.lengths), dtype=torch.long,
                                             device=self.device)
         self._labels_all = torch.as_tensor(np.asarray(source.labels), dtype=torch.long,
                                            device=self.device)
-        cost = recognizer.flops()
-        per_unit = 0.5 if self.flops_unit == "MACs" else 1.0  # recognizer counts FLOPs
-        self.recognizer_gflops_per_frame = cost["temporal_per_frame"] * per_unit / 1e9
-        self.recognizer_gflops_per_episode = cost["integration"] * per_unit / 1e9
+        self.recognizer_gflops_per_frame, self.recognizer_gflops_per_episode = \
+            recognizer_gflops(recognizer, self.flops_unit)
         self.gflops_per_frame = float(source.gflops_per_frame) + self.recognizer_gflops_per_frame
         self.batch_size: int | None = None
         if batch_size is not None:
-            self._allocate(int(batch_size))
+            self._allocate(require_int(batch_size, "batch_size", minimum=1))
 
     # ---------------------------------------------------------------- state
     def _allocate(self, batch: int) -> None:
@@ -494,12 +535,19 @@ class LocatorCore:
 
     def _view(self, kind: type[CoreObs], rows: torch.Tensor | None, sel: torch.Tensor | slice,
               **extra: object) -> CoreObs:
-        """The result of a reset/step: the touched rows' tensors plus ``extra`` fields."""
+        """The result of a reset/step: the touched rows' tensors plus ``extra`` fields.
+
+        Every tensor is the caller's to keep: the next step writes the state buffers in place,
+        so a slice (all rows) is cloned; row indices (``rows``) already gather copies.
+        """
+        def own(buffer: torch.Tensor) -> torch.Tensor:
+            return buffer.clone() if rows is None else buffer[sel]
+
         return kind(
             rows=torch.arange(self.batch_size, device=self.device) if rows is None else rows,
-            observation=self.observation[sel], alive=self.alive[sel],
-            positions=self.positions[sel], frames_observed=self.frames_observed[sel],
-            p_gt=self.p_gt[sel], **extra,
+            observation=own(self.observation), alive=own(self.alive),
+            positions=own(self.positions), frames_observed=own(self.frames_observed),
+            p_gt=own(self.p_gt), action_mask=self.action_mask(rows), **extra,
         )
 
     def _finish(self, rows: torch.Tensor | None, done: torch.Tensor, state: torch.Tensor,
@@ -527,6 +575,21 @@ class LocatorCore:
         )
 
     # ---------------------------------------------------------------- views
+    def action_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Legal actions ``bool [K, N, 4]`` of every locator (all rows, or ``rows``).
+
+        Stop (0) is always legal; moves (1-3) only for an alive locator before its video's
+        last frame (one at ``T - 1`` stops instead of moving, a stopped one ignores its action).
+        A row is never all-false. Tensor ops only, no host sync.
+        """
+        if self.batch_size is None:
+            raise RuntimeError("action_mask() before reset()")
+        sel: torch.Tensor | slice = slice(None) if rows is None else rows
+        last = (self.lengths[sel] - 1).unsqueeze(1)
+        can_move = self.alive[sel] & (self.positions[sel] < last)  # [K, N]
+        stop = torch.ones_like(can_move)
+        return torch.stack([stop, can_move, can_move, can_move], dim=-1)
+
     def global_state(self) -> torch.Tensor:
         """Centralized-critic state ``[B, N * obs_dim + N]``: all observations + alive flags."""
         return torch.cat([self.observation.flatten(1), self.alive.to(self.observation.dtype)], 1)
@@ -579,8 +642,16 @@ class VideoSampler:
 
 
 def load_source(features: object, split: str | None, device: str | torch.device) -> FrameSource:
-    """A frame source: ``features`` is a FrameSource, or a ``vimo-features`` HDF5 path."""
+    """A frame source: ``features`` is a FrameSource, or a ``vimo-features`` HDF5 path (then
+    ``split`` of it is loaded). A source object is used as it is: a ``split`` that contradicts
+    its own ``split`` raises (it used to be ignored silently); None accepts any."""
     if isinstance(features, FrameSource):
+        own = getattr(features, "split", None)
+        if split is not None and own is not None and split != own:
+            raise ValueError(f"split={split!r} contradicts the frame source's own split {own!r} "
+                             f"({source_name(features)}): a source object serves one split; "
+                             f"pass split={own!r} or split=None, or build a source of split "
+                             f"{split!r}")
         return features
     if features is None:
         raise ValueError("features= is required: a vimo-features HDF5 path or a FrameSource")

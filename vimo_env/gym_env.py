@@ -1,19 +1,25 @@
 """Gymnasium front-ends: ``VideoLocators-v0`` (joint control) and its native batched VectorEnv.
 
 * :class:`VideoLocatorsEnv` - one policy controls all N locators of one video:
-  observation ``Dict(observation=Box(N, obs_dim), alive=MultiBinary(N))``, action
-  ``MultiDiscrete([4] * N)``, team reward, terminated when every locator stopped. Stopped
-  locators' actions are ignored (they must still be in range).
+  observation ``Dict(observation=Box(N, obs_dim), alive=MultiBinary(N),
+  action_mask=MultiBinary((N, 4)))``, action ``MultiDiscrete([4] * N)``, team reward,
+  terminated when every locator stopped. Stopped locators' actions are ignored (they must still
+  be in range). ``action_mask[i, a]`` is 1 when action ``a`` is legal for locator ``i``: stop
+  always, moves only for an alive locator before the video's last frame;
+  :meth:`VideoLocatorsEnv.action_masks` gives it flat for sb3-contrib's ``MaskablePPO``.
 * :class:`VideoLocatorsVectorEnv` - ``gymnasium.make_vec("VideoLocators-v0", num_envs=B,
   vectorization_mode="vector_entry_point", features=...)``: B episodes on the batched core,
   autoreset ``NEXT_STEP`` (the step after a row terminates resets that row and ignores its
   action; that step returns reward 0 and ``terminated=False``).
 
-Infos hold ``position [N]``, ``frames [N]``, ``p_gt`` and, when an episode ends, ``episode``:
-SPEC section 6's dict plus ``r`` (return) and ``l`` (steps), so SB3 logging works without its
-Monitor. Gymnasium's ``RecordEpisodeStatistics`` writes the same key: give it another
-``stats_key``. In the vector env every value is batched and ``_episode`` masks the rows
-that ended (Gymnasium's convention).
+Infos hold ``position [N]``, ``frames [N]``, ``p_gt`` and, when an episode ends,
+``vimo_episode`` (:data:`EPISODE_KEY`): SPEC section 6's ``episode`` dict plus ``length``,
+``trajectories``, ``r`` (return) and ``l`` (steps). It is not called ``episode`` here because
+Gymnasium's ``RecordEpisodeStatistics`` (which asserts the key is free) and SB3's ``Monitor``
+(which overwrites it; ``make_vec_env`` and every SB3 algorithm add one) own that key in
+Gymnasium envs: both work unchanged and our statistics stay reachable. (The PettingZoo env keeps
+SPEC's ``episode`` key.) In the vector env every value is batched and ``_vimo_episode`` masks the
+rows that ended (Gymnasium's convention).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from features.validation import require_int
 from vimo_env.core import (
     NUM_ACTIONS,
     EpisodeBatch,
@@ -34,10 +41,12 @@ from vimo_env.core import (
     VideoSampler,
     build_core,
 )
-from vimo_env.parallel_env import action_from, observation_space_for
+from vimo_env.parallel_env import action_from, observation_space_for, video_option
 from vimo_env.render import RENDER_MODES, check_render_mode, render_row
 
 ENV_ID = "VideoLocators-v0"
+#: Info key of the per-episode statistics in the Gymnasium envs (see the module doc).
+EPISODE_KEY = "vimo_episode"
 
 
 def _single_spaces(core: LocatorCore) -> tuple[spaces.Dict, spaces.MultiDiscrete]:
@@ -45,7 +54,8 @@ def _single_spaces(core: LocatorCore) -> tuple[spaces.Dict, spaces.MultiDiscrete
     N = core.num_locators
     box = spaces.Box(low=np.tile(one.low, (N, 1)), high=np.tile(one.high, (N, 1)),
                      dtype=np.float32)
-    obs = spaces.Dict({"observation": box, "alive": spaces.MultiBinary(N)})
+    obs = spaces.Dict({"observation": box, "alive": spaces.MultiBinary(N),
+                       "action_mask": spaces.MultiBinary([N, NUM_ACTIONS])})
     return obs, spaces.MultiDiscrete([NUM_ACTIONS] * N)
 
 
@@ -83,12 +93,22 @@ class VideoLocatorsEnv(gymnasium.Env):
                                batch_size=1, locator_credit=locator_credit)
         self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
         self.observation_space, self.action_space = _single_spaces(self.core)
+        if seed is not None:  # seed fixes everything random, action_space.sample() included
+            self.action_space.seed(seed)
         self._return = 0.0
 
     def _obs(self) -> dict[str, np.ndarray]:
         core = self.core
         return {"observation": core.observation[0].cpu().numpy().copy(),
-                "alive": core.alive[0].cpu().numpy().astype(np.int8)}
+                "alive": core.alive[0].cpu().numpy().astype(np.int8),
+                "action_mask": core.action_mask()[0].cpu().numpy().astype(np.int8)}
+
+    def action_masks(self) -> np.ndarray:
+        """Legal actions, bool ``[N * 4]`` (locator-major): sb3-contrib's ``MaskablePPO``
+        reads this method; the same as ``observation["action_mask"]`` flattened."""
+        if self.core.batch_size is None:
+            raise RuntimeError("action_masks() before reset()")
+        return self.core.action_mask()[0].reshape(-1).cpu().numpy()
 
     def _info(self) -> dict[str, Any]:
         core = self.core
@@ -104,11 +124,9 @@ class VideoLocatorsEnv(gymnasium.Env):
         super().reset(seed=seed)
         if seed is not None:
             self.sampler.seed(seed)
+            self.action_space.seed(seed)
         if options and "video" in options:
-            video = int(options["video"])
-            if not 0 <= video < self.core.source.num_videos:
-                raise IndexError(f"options['video']={video} outside "
-                                 f"[0, {self.core.source.num_videos})")
+            video = video_option(options["video"], self.core.source.num_videos)
         else:
             video = int(self.sampler.draw(1)[0])
         self.core.reset(torch.tensor([video], device=self.core.device))
@@ -133,8 +151,9 @@ class VideoLocatorsEnv(gymnasium.Env):
         info = self._info()
         terminated = bool(out.done[0])
         if out.finished is not None:
-            info["episode"] = out.finished.records()[0].as_info()
-            info["episode"].update(r=self._return, l=int(core.steps[0]))
+            episode = out.finished.records()[0].as_info()
+            episode.update(r=self._return, l=int(core.steps[0]))
+            info[EPISODE_KEY] = episode
         return self._obs(), reward, terminated, False, info
 
     def render(self) -> str | np.ndarray | None:
@@ -185,7 +204,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
     ) -> None:
         check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
-        self.num_envs = int(num_envs)
+        self.num_envs = require_int(num_envs, "num_envs", minimum=1)
         self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
                                max_moves=max_moves, stride=stride, frame_cost=frame_cost,
                                device=device, seed=seed, compute_rewards=compute_rewards,
@@ -194,6 +213,9 @@ class VideoLocatorsVectorEnv(VectorEnv):
         self.single_observation_space, self.single_action_space = _single_spaces(self.core)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
+        if seed is not None:  # as reset(seed=): the batched and the single action space
+            self.action_space.seed(seed)
+            self.single_action_space.seed(seed)
         self._needs_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.core.device)
         self._returns = np.zeros(self.num_envs)
 
@@ -203,7 +225,14 @@ class VideoLocatorsVectorEnv(VectorEnv):
     def _obs(self) -> dict[str, np.ndarray]:
         core = self.core
         return {"observation": core.observation.cpu().numpy().copy(),
-                "alive": core.alive.cpu().numpy().astype(np.int8)}
+                "alive": core.alive.cpu().numpy().astype(np.int8),
+                "action_mask": core.action_mask().cpu().numpy().astype(np.int8)}
+
+    def action_masks(self) -> np.ndarray:
+        """Legal actions of every row, bool ``[B, N * 4]`` (see :class:`VideoLocatorsEnv`)."""
+        if self.core.batch_size is None:
+            raise RuntimeError("action_masks() before reset()")
+        return self.core.action_mask().reshape(self.num_envs, -1).cpu().numpy()
 
     def _info(self) -> dict[str, Any]:
         core = self.core
@@ -220,6 +249,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         if seed is not None:
             self.sampler.seed(seed)
             self.action_space.seed(seed)
+            self.single_action_space.seed(seed)
         mask = (options or {}).get("reset_mask")
         if mask is not None and self.core.batch_size is not None:
             return self._reset_rows(mask)
@@ -271,7 +301,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         self._needs_reset = torch.as_tensor(terminated, device=core.device)
         info = self._info()
         if finished is not None:
-            info["episode"], info["_episode"] = self._episode_info(finished)
+            info[EPISODE_KEY], info[f"_{EPISODE_KEY}"] = self._episode_info(finished)
         return self._obs(), rewards, terminated, np.zeros(B, dtype=bool), info
 
     def _episode_info(self, batch: EpisodeBatch) -> tuple[dict[str, np.ndarray], np.ndarray]:

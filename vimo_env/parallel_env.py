@@ -16,6 +16,7 @@ from gymnasium import spaces
 from pettingzoo import AECEnv, ParallelEnv
 from pettingzoo.utils.conversions import parallel_to_aec
 
+from features.validation import require_int
 from vimo_env.core import (
     NUM_ACTIONS,
     LocatorCore,
@@ -49,13 +50,23 @@ def action_from(value: Any, who: str) -> int:
     return int(x)
 
 
+def video_option(value: Any, num_videos: int) -> int:
+    """``reset(options={"video": i})``'s video index, checked: an integer in the split."""
+    video = require_int(value, "options['video']")
+    if not 0 <= video < num_videos:
+        raise IndexError(f"options['video']={video} outside [0, {num_videos})")
+    return video
+
+
 class VideoLocatorsParallelEnv(ParallelEnv):
     """ViMo locators as a PettingZoo ParallelEnv (one video per episode).
 
     Observations: float32 ``[h_i, n_i/(m+1), p_i/(T-1), t/m]``; ``state()``: all observations
     flattened plus alive flags (``state_space``). Rewards: the team reward
     ``(P_t - P_{t-1}) - lambda * N_t`` to every agent that acted. Infos: ``position``,
-    ``frames`` (n_i), ``p_gt`` (P_t), with ``locator_credit=True`` ``locator_credit`` (this
+    ``frames`` (n_i), ``p_gt`` (P_t), ``action_mask`` (``[4]`` of 0/1, int8 as PettingZoo and
+    ``Discrete.sample(mask)`` expect: the agent's legal actions; stop always, moves only before
+    the video's last frame), with ``locator_credit=True`` ``locator_credit`` (this
     agent's difference reward: the team reward minus the team reward had it alone stopped;
     0 when it did not observe) and, when the episode ends, ``episode`` (SPEC section 6,
     plus ``trajectory``: this locator's observed frames). ``reset(options={"video": i})``
@@ -99,6 +110,8 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         obs_space = observation_space_for(self.core)
         self._observation_spaces = {a: obs_space for a in self.possible_agents}
         self._action_spaces = {a: spaces.Discrete(NUM_ACTIONS) for a in self.possible_agents}
+        if seed is not None:  # as reset(seed=): agent i's action space from seed + i
+            self._seed_action_spaces(seed)
         N, d = num_locators, self.core.obs_dim
         self.state_space = spaces.Box(
             low=np.concatenate([np.tile(obs_space.low, N), np.zeros(N, np.float32)]),
@@ -108,6 +121,10 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         self._episode: dict | None = None
 
     # ---------------------------------------------------------------- spaces
+    def _seed_action_spaces(self, seed: int) -> None:
+        for i, agent in enumerate(self.possible_agents):
+            self._action_spaces[agent].seed(seed + i)
+
     def observation_space(self, agent: str) -> spaces.Box:
         return self._observation_spaces[agent]
 
@@ -119,12 +136,9 @@ class VideoLocatorsParallelEnv(ParallelEnv):
               ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
         if seed is not None:
             self.sampler.seed(seed)
-            for i, a in enumerate(self.possible_agents):
-                self._action_spaces[a].seed(seed + i)
+            self._seed_action_spaces(seed)
         if options and "video" in options:
-            video = int(options["video"])
-            if not 0 <= video < self.source.num_videos:
-                raise IndexError(f"options['video']={video} outside [0, {self.source.num_videos})")
+            video = video_option(options["video"], self.source.num_videos)
         else:
             video = int(self.sampler.draw(1)[0])
         self.core.reset(torch.tensor([video], device=self.core.device))
@@ -170,10 +184,12 @@ class VideoLocatorsParallelEnv(ParallelEnv):
         frames = core.frames_observed[0].tolist()
         p_gt = float(core.p_gt[0])
         credit = core.credit[0].tolist() if core.locator_credit else None
+        masks = core.action_mask()[0].cpu().numpy().astype(np.int8)  # sample(mask) needs int8
         infos = {}
         for a in agents:
             i = self._index[a]
-            info = {"position": pos[i], "frames": frames[i], "p_gt": p_gt}
+            info = {"position": pos[i], "frames": frames[i], "p_gt": p_gt,
+                    "action_mask": masks[i].copy()}
             if credit is not None:
                 info["locator_credit"] = credit[i]
             if self._episode is not None:
