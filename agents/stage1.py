@@ -15,9 +15,10 @@ the measurements that chose it):
 * **A budget in gradient steps** that scales with the train split:
   ``clip(epochs_target x steps per epoch, min_steps, max_steps)``, so 840 videos get as many
   updates as 3,000 (more passes over fewer videos) and 50,000 videos do not take hours.
-* **Mixed sampling rates** (``rate_mix``): a share of the batches view a random 5-100% of each
-  segment instead of 25%, so the recognizer does not dilute when it later sees more frames
-  (all frames, uniform-50) than it was trained on.
+* The LSTM's unit embedding is the mean of its outputs (``RecognizerConfig.lstm_readout``), so
+  the recognizer does not dilute when it later sees more frames (all frames, uniform-50) than
+  it was trained on. ``rate_mix`` (off by default: the mean readout was enough) trains a share
+  of the batches at a random 5-100% sampling rate instead.
 
 Validation mAP ``evaluations`` times during training; the best checkpoint (by validation mAP) is
 kept. Training resumes after an interruption from ``stage1_last.pt``, and a resumed run equals an
@@ -70,7 +71,7 @@ class Stage1Config:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     normalize_inputs: bool = True
-    rate_mix: float = 0.5  # share of batches at a random 5-100% sampling rate (0: paper)
+    rate_mix: float = 0.0  # share of batches at a random 5-100% sampling rate (0: the paper)
     evaluations: int = 10
     seed: int = 0
     num_locators: int = 3

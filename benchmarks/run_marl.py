@@ -17,8 +17,12 @@ the backbone, is cached by its own key and shared by every assembly of the same 
 any ``vimo-features`` file (your own features: lengths, class counts and feature dimensions are
 read from the file; it needs train/val/test splits).
 
-Budgets. PhotoUnits trains with the ``photounits`` budget: Stage I at lr 1e-4 (1e-3, tuned on the
-synthetic data, leaves the recognizer at chance on real Lite0 features).
+Budgets. One recipe for every dataset (``agents.trainer.TrainerConfig``): Stage I's gradient
+steps follow the train split's size, inputs are normalized with train statistics, lambda is
+derived from the data after Stage I, and a linear probe checks Stage I before any SAC budget
+is spent (the run stops when Stage I is below 0.9 x the probe's val mAP;
+``--allow-unhealthy-stage1`` goes on). ``--budget tiny`` shrinks networks and step counts for
+smoke tests. Why these defaults, with the measurements: ``docs/experiments.md``.
 
 Baselines. Table 2 scores every strategy with the final (Stage III) recognizer, as ViMo's Table 2
 compares observing strategies within the trained framework; since that recognizer was
@@ -30,28 +34,9 @@ stage before when its mAP is higher at no more than 2% more GFLOPs, or no lower 
 GFLOPs. Stage II (a policy) is compared with Stage I's recognizer on random frames at Stage
 II's frame rate (row ``I@II``, matched cost); Stage III with Stage II.
 
-Per-locator credit. With N=3, m=4 a locator observes at most 5 frames (15 per video, ~13% of
-frames). On PhotoUnits (build version 3: sparse units announced by a 3-shot build-up, see
-``features.photounits``) the paper's team reward left the learned policy 0.4 to 1.4 mAP below
-uniform-50 over seeds 0-2: probing the critics showed per-state action preferences no larger
-than their errors, because a reward shared by three locators gives each locator's critic a
-small signal for its own action. ``BUDGETS["photounits"]`` therefore trains each locator's
-critic on ``0.5 x team reward + 0.5 x its difference reward`` (``SACConfig.difference_credit``;
-the env's ``locator_credit``): the learned policy scores 96.1 / 95.7 / 95.0 mAP on seeds
-0 / 1 / 2 at 11-13% of frames against uniform-50's 95.4 / 95.1 / 93.7 (README: the bounds, the
-Stage I recognizer's uniform-50, and P(true class)). Measured before
-adopting it (Stage I reused, 1 thread; test mAP adaptive / uniform-50, final recognizer):
-team reward 95.2 / 96.6, 96.3 / 96.7, 95.2 / 95.9 on seeds 0 / 1 / 2; weight 0.5 95.3 / 95.4,
-96.1 / 95.7, 96.0 / 94.9; weight 1 (difference reward only; the policy stops early) 94.3 /
-94.3, 95.3 / 94.7 on seeds 0 / 1; weight 0.75 95.6 / 95.1 on seed 0. Weight 0.5 had the
-highest mean val P(true class) (0.847 against 0.841 for the team reward). Also tried, with the
-team reward (test mAP, seed 0 unless noted): 6x updates (93.1), an EMA of the actor weights
-(seed 2, mean P(true class) 0.016 lower), 4-step returns (seeds 0/1: 95.5 / 95.6, but mean
-P(true class) 0.017 / 0.013 lower), and before the RNG fix in ``Recognizer.flops``: n-step
-2 / 3, target entropy 0.1, annealed entropy targets, Stage II 64k steps, batch 256, three
-Stage III rounds, fine-tuning on the argmax policy's frames; Stage II alone: shared actor,
-other learning rates, batch 512, prioritized replay, 4x512 / 5x512 networks. Val and test
-disagree by up to 2 mAP on 450 videos each, and training seeds move test mAP by about 1.
+Per-locator credit. Each locator's critic learns from ``0.5 x team reward + 0.5 x its
+difference reward`` (``SACConfig.difference_credit``; the env's ``locator_credit``); the
+measurements that chose it are in ``docs/experiments.md``.
 
 Prints ViMo Table 2 (strategy: frame rate, mAP, GFLOPs; test split, final recognizer) and
 Table 5 (mAP and GFLOPs after each stage), with the command line that produced them, and writes
@@ -117,7 +102,8 @@ BUDGETS: dict[str, dict] = {
     # a smoke budget: its 32-wide recognizer may fall short of the probe on 72 train videos,
     # so the self-check reports but does not stop it
     "tiny": dict(
-        stage1_steps=300, stage1_lr=3e-3, allow_unhealthy_stage1=True, stage2_env_steps=1024, stage3_rounds=1, finetune_epochs=1,
+        stage1_steps=300, stage1_lr=3e-3, allow_unhealthy_stage1=True, stage2_env_steps=1024,
+        stage3_rounds=1, finetune_epochs=1,
         stage3_env_steps=512, rollout_batch_size=256, stage3_critic_warmup=8,
         recognizer=dict(hidden_dim=32, transformer_layers=1, transformer_dim=32,
                         transformer_ff_dim=64, forward_dim=64),

@@ -93,6 +93,7 @@ class CachedFrameSource(FrameSource):
         self.class_names = list(store.class_names)
         self.gflops_per_frame = store.gflops_per_frame
         self.flops_unit = store.flops_unit
+        self.backbone = store.backbone
         self.lengths = store.lengths.astype(np.int64)
         self.labels = store.labels.astype(np.int64)
         self.video_ids = list(store.video_ids)

@@ -251,6 +251,7 @@ class LocatorCore:
         if np.any(np.asarray(source.lengths) < 1):
             raise ValueError("frame source has a video with no frames (lengths must be >= 1)")
         check_labels(source, cfg.num_classes)
+        recognizer.check_source(source, source_name(source))  # class order, backbone
         self.source = source
         self.device = resolve_device(device)
         source_device = getattr(source, "device", None)

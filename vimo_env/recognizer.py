@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from features.atomic import torch_save_atomic
+from features.validation import require_int
 
 TEMPORAL_VARIANTS = ("lstm", "meanpool", "maxpool", "sumpool")
 INTEGRATION_VARIANTS = ("transformer", "meanpool", "maxpool", "forward")
@@ -70,8 +71,7 @@ class RecognizerConfig:
                 f"integration must be one of {INTEGRATION_VARIANTS}, got {self.integration!r}"
             )
         for name in ("feature_dim", "num_classes", "num_locators", "hidden_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            require_int(getattr(self, name), f"RecognizerConfig.{name}", minimum=1)
 
 
 class _StackedLinear(nn.Module):
