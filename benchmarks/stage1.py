@@ -1,7 +1,7 @@
 """Stage I on a synthetic dataset: training time and the frame-selection baselines.
 
     python benchmarks/stage1.py [--preset default] [--dataset FILE.h5] [--seed 0]
-                                [--epochs 12] [--out results/stage1] [--threads 2]
+                                [--steps N] [--out results/stage1] [--threads 2]
 
 Generates the preset (unless ``--dataset`` is given: then ``--preset``/``--seed`` must be the
 ones it was generated with, for the oracle's unit annotations), trains the default recognizer
@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--dataset", default=None, help="existing file (made with --preset/--seed)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=Stage1Config.epochs)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="gradient steps (default: Stage1Config's budget for the split)")
     parser.add_argument("--out", default="results/stage1")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
@@ -114,7 +115,7 @@ def main() -> None:
         generate(args.preset, path, seed=args.seed, progress=True)
     generate_s = time.perf_counter() - t0
 
-    config = Stage1Config(epochs=args.epochs, seed=args.seed, device="cpu",
+    config = Stage1Config(steps=args.steps, seed=args.seed, device="cpu",
                           out_dir=str(out / "checkpoints"))
     t0 = time.perf_counter()
     model, history = train_stage1(path, config, progress=True)
@@ -131,8 +132,9 @@ def main() -> None:
     rows["oracle-path"] = evaluate_selection(model, test, path_sel, seed=args.seed)
 
     print(f"\ndataset {path} ({len(test.lengths)} test videos), generated in {generate_s:.1f} s")
-    print(f"Stage I: {args.epochs} epochs in {train_s:.1f} s ({torch.get_num_threads()} threads), "
-          f"best epoch {history['best_epoch']} (val mAP {history['best_val_mAP']:.1f})")
+    print(f"Stage I: {history['steps']} steps in {train_s:.1f} s ({torch.get_num_threads()} "
+          f"threads), best at step {history['best_step']} (val mAP "
+          f"{history['best_val_mAP']:.1f})")
     print(f"{'selection':<16}{'mAP':>7}{'top1':>7}{'frames/video':>14}{'frame rate %':>14}")
     for name, r in rows.items():
         print(f"{name:<16}{r['mAP']:>7.1f}{r['top1']:>7.1f}{r['frames_per_video']:>14.1f}"
