@@ -13,7 +13,7 @@ Data layout (TorchRL's multi-agent convention, as VMAS / BenchMARL; ``N`` locato
     ("locators", "action_mask")     bool    [B, N, 4]         legal actions (stop always)
     ("locators", "action")          int64   [B, N]            Categorical(4): index, not one-hot
     ("locators", "reward")          float32 [B, N, 1]         the team reward, broadcast
-    ("locators", "locator_credit")  float32 [B, N, 1]         difference reward (locator_credit=True)
+    ("locators", "locator_credit")  float32 [B, N, 1]         difference reward (locator_credit)
     ("locators", "done" | "terminated" | "truncated")  bool [B, N, 1]
     "done" | "terminated" | "truncated"                bool [B, 1]
     "state"                         float32 [B, N*obs_dim + N] all observations + alive flags
@@ -114,20 +114,20 @@ class VideoLocatorsTorchRLEnv(EnvBase):
     # ---------------------------------------------------------------- specs
     def _make_specs(self) -> None:
         core, dev = self.core, self.core.device
-        B, N, O = self.num_envs, core.num_locators, core.obs_dim
+        B, N, D = self.num_envs, core.num_locators, core.obs_dim
         low_h, high_h = core.observation_bounds()
         if np.isfinite(low_h) and np.isfinite(high_h):
             low = torch.cat([torch.full((core.hidden_dim,), low_h), torch.zeros(3)])
             high = torch.cat([torch.full((core.hidden_dim,), high_h), torch.ones(3)])
-            obs = Bounded(low=low.expand(B, N, O).clone(), high=high.expand(B, N, O).clone(),
-                          shape=(B, N, O), dtype=torch.float32, device=dev)
+            obs = Bounded(low=low.expand(B, N, D).clone(), high=high.expand(B, N, D).clone(),
+                          shape=(B, N, D), dtype=torch.float32, device=dev)
             state = Bounded(
-                low=torch.cat([low.repeat(N), torch.zeros(N)]).expand(B, N * O + N).clone(),
-                high=torch.cat([high.repeat(N), torch.ones(N)]).expand(B, N * O + N).clone(),
-                shape=(B, N * O + N), dtype=torch.float32, device=dev)
+                low=torch.cat([low.repeat(N), torch.zeros(N)]).expand(B, N * D + N).clone(),
+                high=torch.cat([high.repeat(N), torch.ones(N)]).expand(B, N * D + N).clone(),
+                shape=(B, N * D + N), dtype=torch.float32, device=dev)
         else:  # pooled F_T: the embedding part is unbounded
-            obs = Unbounded(shape=(B, N, O), dtype=torch.float32, device=dev)
-            state = Unbounded(shape=(B, N * O + N), dtype=torch.float32, device=dev)
+            obs = Unbounded(shape=(B, N, D), dtype=torch.float32, device=dev)
+            state = Unbounded(shape=(B, N * D + N), dtype=torch.float32, device=dev)
         group_obs = {"observation": obs,
                      "action_mask": Categorical(2, shape=(B, N, NUM_ACTIONS), dtype=torch.bool,
                                                 device=dev)}
