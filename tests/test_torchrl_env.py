@@ -120,8 +120,11 @@ def test_masked_random_rollout_ends_episodes_and_masks_mean_what_they_say(h5):
         assert torch.equal(moves[..., 0], alive & ~at_last)  # stopped / last frame: stop only
     assert any(m[..., 1].any() for m, _, _ in seen) and any((~m[..., 1]).any() for m, _, _ in seen)
     for data in (td, td["next"]):
-        stopped = data[G, "terminated"].squeeze(-1)
+        stopped = ~data[G, "alive"].squeeze(-1)
         assert not data[G, "action_mask"][..., 1:][stopped].any()
+        # the group's done flags are the row's, broadcast (the team ends together)
+        for key in ("done", "terminated", "truncated"):
+            assert torch.equal(data[G, key].squeeze(-1), data[key].expand_as(stopped))
         # state = all observations + alive flags
         torch.testing.assert_close(data["state"][..., :-3], data[G, "observation"].flatten(-2))
         torch.testing.assert_close(data["state"][..., -3:], (~stopped).float())
@@ -129,12 +132,13 @@ def test_masked_random_rollout_ends_episodes_and_masks_mean_what_they_say(h5):
     rew = td["next", G, "reward"]
     assert (rew == rew[..., :1, :]).all()
     # a row ends exactly when all its locators stopped
-    assert torch.equal(done, td["next", G, "terminated"].squeeze(-1).all(-1))
+    assert torch.equal(done, (~td["next", G, "alive"]).squeeze(-1).all(-1))
+    assert not td["next", "truncated"].any()
     # after an end, the next root step starts a fresh episode (step counter 0, all alive)
     ended = done[:, :-1]
     fresh = td[:, 1:]
     assert (fresh[G, "observation"][..., -1][ended] == 0).all()
-    assert not fresh[G, "terminated"][ended].any()
+    assert fresh[G, "alive"][ended].all() and not fresh["done"][ended].any()
 
 
 def test_rollout_without_policy_samples_legal_actions(h5):
@@ -295,6 +299,38 @@ def test_matches_the_gymnasium_vector_env(h5, locator_credit):
                 torch.testing.assert_close(c_t, c_g.float(), atol=1e-5, rtol=1e-5)
     # the policy made episodes of several lengths
     assert len({len(e) for e in eps_t.values()}) >= 2
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchrl's own weight updaters
+def test_collector_and_reward_sum_transform(h5):
+    """TorchRL's own machinery runs on it: the collector (partial resets by root "_reset") and
+    a transform on the group's reward."""
+    from torchrl.collectors import Collector
+    from torchrl.envs import RewardSum, TransformedEnv
+
+    base = vimo_env.torchrl_env(**kwargs(h5, num_envs=4))
+    env = TransformedEnv(base, RewardSum(in_keys=[(G, "reward")],
+                                         out_keys=[(G, "episode_reward")]))
+    collector = Collector(env, masked_random_policy(4), frames_per_batch=40, total_frames=80)
+    episodes = 0
+    for batch in collector:
+        assert batch.shape == (4, 10)
+        done = batch["next", "done"].squeeze(-1)
+        traj = batch["collector", "traj_ids"]
+        # a trajectory id changes exactly after an episode's end (not when a locator stops)
+        assert torch.equal(traj[:, 1:] != traj[:, :-1], done[:, :-1])
+        for b in range(4):
+            for t in done[b].nonzero().flatten().tolist():
+                same = traj[b] == traj[b, t]
+                first = int(same.nonzero()[0])
+                if batch[G, "observation"][b, first, 0, -1] != 0:
+                    continue  # the episode began in an earlier batch
+                rewards = batch["next", G, "reward"][b, :, 0, 0][same]
+                total = batch["next", G, "episode_reward"][b, t, 0, 0]
+                assert total == pytest.approx(float(rewards.sum()), abs=1e-5)
+                episodes += 1
+    collector.shutdown()
+    assert episodes >= 4
 
 
 def test_runs_on_the_core_device(h5):

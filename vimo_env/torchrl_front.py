@@ -14,15 +14,18 @@ Data layout (TorchRL's multi-agent convention, as VMAS / BenchMARL; ``N`` locato
     ("locators", "action")          int64   [B, N]            Categorical(4): index, not one-hot
     ("locators", "reward")          float32 [B, N, 1]         the team reward, broadcast
     ("locators", "locator_credit")  float32 [B, N, 1]         difference reward (locator_credit)
-    ("locators", "done" | "terminated" | "truncated")  bool [B, N, 1]
+    ("locators", "alive")           bool    [B, N, 1]         the locator has not stopped yet
+    ("locators", "done" | "terminated" | "truncated")  bool [B, N, 1]  the row's, broadcast
     "done" | "terminated" | "truncated"                bool [B, 1]
     "state"                         float32 [B, N*obs_dim + N] all observations + alive flags
     "p_gt"                          float32 [B, 1]            P_t (NaN without compute_rewards)
 
-Episode end: the root ``terminated`` (= ``done``) is True when every locator of the row has
-stopped; ``truncated`` is always False (episodes end by themselves within ``max_moves`` steps).
-The per-locator ``terminated`` is True once that locator stopped (PettingZoo's semantics: a
-stopped agent leaves ``env.agents``); the root signal prevails for resets, as in TorchRL.
+Episode end: ``terminated`` (= ``done``) is True when every locator of the row has stopped;
+``truncated`` is always False (episodes end by themselves within ``max_moves`` steps). The
+group's flags are the row's, broadcast to every locator (the team ends together, as in VMAS /
+BenchMARL): TorchRL's collectors start a new trajectory id whenever *any* done leaf is True, so a
+per-locator "stopped" flag there would cut trajectories mid-episode. Which locators already
+stopped is ``("locators", "alive")`` (False once stopped; its actions are then ignored).
 ``_reset`` with a ``"_reset"`` mask ``[B, 1]`` restarts only those rows (each draws its next
 video from the sampler, in row order); ``env.rollout(..., break_when_any_done=False)`` and the
 collectors rely on it. Partial steps (``"_step"``, used by ``rollout(break_when_all_done=True)``)
@@ -130,7 +133,8 @@ class VideoLocatorsTorchRLEnv(EnvBase):
             state = Unbounded(shape=(B, N * D + N), dtype=torch.float32, device=dev)
         group_obs = {"observation": obs,
                      "action_mask": Categorical(2, shape=(B, N, NUM_ACTIONS), dtype=torch.bool,
-                                                device=dev)}
+                                                device=dev),
+                     "alive": Categorical(2, shape=(B, N, 1), dtype=torch.bool, device=dev)}
         if core.locator_credit:
             group_obs["locator_credit"] = Unbounded(shape=(B, N, 1), dtype=torch.float32,
                                                     device=dev)
@@ -164,10 +168,11 @@ class VideoLocatorsTorchRLEnv(EnvBase):
         """The step/reset tensordict of all B rows (every tensor the caller's to keep)."""
         core = self.core
         B, N = self.num_envs, core.num_locators
-        stopped = (~alive).unsqueeze(-1)
         done = done.view(B, 1)
-        group = {"observation": observation, "action_mask": mask, "done": stopped,
-                 "terminated": stopped, "truncated": torch.zeros_like(stopped)}
+        group_done = done.view(B, 1, 1).expand(B, N, 1)
+        group = {"observation": observation, "action_mask": mask, "alive": alive.unsqueeze(-1),
+                 "done": group_done.clone(), "terminated": group_done.clone(),
+                 "truncated": torch.zeros_like(group_done)}
         if reward is not None:
             group["reward"] = reward.to(torch.float32).view(B, 1, 1).expand(B, N, 1).clone()
         if core.locator_credit:
