@@ -248,8 +248,10 @@ class VideoLocatorsTorchRLEnv(EnvBase):
     def _check_masks(self, actions: torch.Tensor, rows: torch.Tensor | None) -> None:
         mask = self.core.action_mask()
         legal = mask.gather(2, actions.unsqueeze(-1)).squeeze(-1)
-        if rows is not None:
-            legal = legal[rows]
+        if rows is not None:  # rows a partial step leaves alone are not checked
+            skipped = torch.ones(self.num_envs, dtype=torch.bool, device=legal.device)
+            skipped[rows] = False
+            legal = legal | skipped.unsqueeze(1)
         if not bool(legal.all()):
             bad = (~legal).nonzero()[:5].tolist()
             raise ValueError(f"strict_masks: actions illegal per ({GROUP!r}, 'action_mask') at "
