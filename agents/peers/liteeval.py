@@ -42,7 +42,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -198,7 +197,19 @@ def evaluate(model: LiteEval, split: PairSplit, costs: FrameCosts, args: LiteEva
 
 def train(pair: FeaturePair, args: LiteEvalArgs, train_split: PairSplit | None = None,
           val_split: PairSplit | None = None, log: bool = False) -> tuple[LiteEval, dict]:
-    """Train on ``train``, keep the checkpoint of best val mAP (second half of training)."""
+    """Train on ``train``, keep the checkpoint of best val mAP (second half of training).
+
+    Deterministic for ``args.seed`` on the CPU: initialization, batches, frame sampling and
+    Gumbel noise draw from the seed, dropout from the global stream seeded inside a fork (the
+    caller's random state is left as it was).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return _fit(pair, args, train_split, val_split, log)
+
+
+def _fit(pair: FeaturePair, args: LiteEvalArgs, train_split: PairSplit | None,
+         val_split: PairSplit | None, log: bool) -> tuple[LiteEval, dict]:
     train_split = train_split or pair.load("train")
     val_split = val_split or pair.load("val")
     costs = FrameCosts.from_pair(pair)
@@ -214,7 +225,7 @@ def train(pair: FeaturePair, args: LiteEvalArgs, train_split: PairSplit | None =
     order, cursor = torch.randperm(num_train, generator=generator), 0
     best = {"mAP": -1.0, "step": -1, "state": None}
     history: list[dict] = []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for step in range(steps):
         model.train()
         for group in optimizer.param_groups:
@@ -238,7 +249,8 @@ def train(pair: FeaturePair, args: LiteEvalArgs, train_split: PairSplit | None =
         last = step == steps - 1
         if last or (step + 1 >= steps // 2 and (step + 1) % args.eval_every == 0):
             val = evaluate(model, val_split, costs, args)
-            history.append({"step": step + 1, "ce": float(ce.detach()), "usage": float(usage.detach().mean()),
+            history.append({"step": step + 1, "ce": float(ce.detach()),
+                            "usage": float(usage.detach().mean()),
                             "tau": tau, "val_mAP": val.mAP, "val_focused": val.frames_focused,
                             "val_gflops": val.gflops_per_video,
                             "time_s": time.perf_counter() - t0})
@@ -250,7 +262,8 @@ def train(pair: FeaturePair, args: LiteEvalArgs, train_split: PairSplit | None =
     model.load_state_dict(best["state"])
     model.eval()
     return model, {"steps": steps, "best_step": best["step"], "best_val_mAP": best["mAP"],
-                   "train_s": time.perf_counter() - t0, "history": history}
+                   "train_s": time.perf_counter() - t0,
+                   "train_cpu_s": time.process_time() - cpu0, "history": history}
 
 
 def save(model: LiteEval, args: LiteEvalArgs, pair: FeaturePair, path: str | Path) -> None:
