@@ -1,0 +1,321 @@
+"""LiteEval (Wu et al., "A Coarse-to-Fine Framework for Resource Efficient Video Recognition",
+IJCV 2021 / NeurIPS 2019) on a glance/focus feature pair.
+
+The model, per sampled frame ``t`` in temporal order (paper section 3.1):
+
+* coarse RNN over EVERY sampled frame's glance feature ``v_t^c``:
+  ``h_t^c = cLSTM(v_t^c, h_{t-1}^c)`` (Eq. 1);
+* conditional gate: two logits ``b_t = W_g [v_t^c, h_t^c, h_{t-1}^f]`` (Eq. 2 uses
+  ``[v_t^c, h_{t-1}^f]``; we add the coarse state, which already holds ``v_t^c`` and the
+  frames so far), ``B_t`` drawn by straight-through Gumbel-softmax in training and the hard
+  argmax at test (Algorithm 1);
+* fine RNN over the focus feature, read only when ``B_t = 1``:
+  ``h~_t^f = fLSTM([v_t^c, v_t^f], h_{t-1}^f)`` (Eq. 3);
+* when ``B_t = 0``, the coarse-to-fine sync: the first ``D^c`` units of the fine state (hidden
+  and cell) are overwritten by the coarse state, the rest kept (Eq. 5);
+* prediction from the fine state at the last frame (Eq. 6);
+* loss: cross-entropy + ``lam x (fraction of frames focused - gamma)^2`` per video (Eq. 7).
+  ``gamma`` is the budget knob.
+
+Differences from the paper, all forced by or natural to pooled, precomputed features:
+
+* the backbones are the two files' (no fine-tuning); inputs are standardized with train-split
+  statistics and embedded by one linear+ReLU layer each before the RNNs;
+* the paper reads every frame at 1 fps; we glance at ``num_frames`` TSN-sampled frames (a
+  random frame per segment in training, the centre at test; ``num_frames=None``: every frame);
+* the Gumbel sample is straight-through (hard forward, relaxed gradient) rather than the
+  relaxed value itself, so training sees the same hard routing as test; the temperature
+  decays exponentially from ``tau_start`` to ``tau_end`` (the paper decays it from a high
+  value, unstated);
+* AdamW with warm-up and cosine decay, gradient clipping, model selection on val mAP
+  (the paper: Adam at a fixed 1e-4).
+
+    python -m agents.peers.liteeval --glance G.h5 --focus F.h5 [--gamma 0.1] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents.peers.harness import (
+    FrameCosts,
+    PeerResult,
+    SelectionRecord,
+    Standardize,
+    anneal,
+    binary_gumbel,
+    count_head_gflops,
+    gather_batch,
+    lr_at,
+    matched_uniform,
+    sample_frames,
+    score,
+    seeded_init,
+    train_steps,
+)
+from features.pairs import FeaturePair, PairSplit
+
+NAME = "liteeval"
+
+
+# -- arguments -------------------------------------------------------------------------------
+
+
+@dataclass
+class LiteEvalArgs:
+    gamma: float = 0.1  # target fraction of glanced frames that are focused (the budget knob)
+    lam: float = 2.0  # weight of the usage penalty (paper: 2)
+    num_frames: int | None = 32  # frames glanced per video (TSN segments); None: every frame
+    embed_dim: int = 128  # input embedding of each feature
+    coarse_hidden: int = 64  # D^c (paper, ActivityNet: 64)
+    fine_hidden: int = 128  # D^f > D^c (paper, ActivityNet: 512)
+    dropout: float = 0.2  # before the classifier
+    tau_start: float = 2.0  # Gumbel temperature, decayed exponentially
+    tau_end: float = 0.2
+    lr: float = 2e-3
+    weight_decay: float = 1e-3
+    batch_size: int = 64
+    epochs: float = 30.0  # gradient steps = epochs x train videos / batch, clipped below
+    min_steps: int = 300
+    max_steps: int = 1500
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 50  # val mAP every this many steps, in the second half of training
+    seed: int = 0
+
+
+# -- model -----------------------------------------------------------------------------------
+
+
+class LiteEval(nn.Module):
+    """Coarse LSTM + fine LSTM + conditional gate (see the module docstring)."""
+
+    def __init__(self, glance_dim: int, focus_dim: int, num_classes: int,
+                 args: LiteEvalArgs) -> None:
+        super().__init__()
+        if not args.fine_hidden > args.coarse_hidden:
+            raise ValueError("LiteEval needs fine_hidden > coarse_hidden (the sync copies the "
+                             "coarse state into the first units of the fine state)")
+        E, Hc, Hf = args.embed_dim, args.coarse_hidden, args.fine_hidden
+        self.norm_glance, self.norm_focus = Standardize(glance_dim), Standardize(focus_dim)
+        self.embed_glance = nn.Sequential(nn.Linear(glance_dim, E), nn.ReLU())
+        self.embed_focus = nn.Sequential(nn.Linear(focus_dim, E), nn.ReLU())
+        self.coarse = nn.LSTMCell(E, Hc)
+        self.fine = nn.LSTMCell(2 * E, Hf)
+        self.gate = nn.Linear(E + Hc + Hf, 2)
+        self.dropout = nn.Dropout(args.dropout)
+        self.classifier = nn.Linear(Hf, num_classes)
+        self.Hc, self.Hf = Hc, Hf
+
+    def forward(self, glance: torch.Tensor, focus: torch.Tensor, mask: torch.Tensor,
+                tau: float = 1.0, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits ``[B, C]`` and focus decisions ``B_t`` ``[B, n]`` (0 on padding).
+
+        ``glance [B, n, Dg]``, ``focus [B, n, Df]``, ``mask [B, n]`` (valid frames first).
+        Training (``generator`` given) embeds every frame's focus feature for batching; the
+        routing, and so the prediction, uses it only where ``B_t = 1``.
+        """
+        batch, n = mask.shape
+        vc = self.embed_glance(self.norm_glance(glance))
+        vf = self.embed_focus(self.norm_focus(focus))
+        hc = cc = glance.new_zeros(batch, self.Hc)
+        hf = cf = glance.new_zeros(batch, self.Hf)
+        decisions = []
+        for t in range(n):
+            valid = mask[:, t, None].to(glance.dtype)
+            hc_new, cc_new = self.coarse(vc[:, t], (hc, cc))
+            logits = self.gate(torch.cat([vc[:, t], hc_new, hf], dim=1))
+            b = binary_gumbel(logits, tau, generator)[:, None] * valid
+            hf_read, cf_read = self.fine(torch.cat([vc[:, t], vf[:, t]], dim=1), (hf, cf))
+            hf_sync = torch.cat([hc_new, hf[:, self.Hc:]], dim=1)  # Eq. 5
+            cf_sync = torch.cat([cc_new, cf[:, self.Hc:]], dim=1)
+            hf_new = b * hf_read + (1 - b) * hf_sync
+            cf_new = b * cf_read + (1 - b) * cf_sync
+            hc, cc = valid * hc_new + (1 - valid) * hc, valid * cc_new + (1 - valid) * cc
+            hf, cf = valid * hf_new + (1 - valid) * hf, valid * cf_new + (1 - valid) * cf
+            decisions.append(b[:, 0])
+        return self.classifier(self.dropout(hf)), torch.stack(decisions, dim=1)
+
+    def cost_per_frame(self, unit: str) -> dict[str, float]:
+        """Head cost in G``unit``: per glanced frame (embedding, coarse LSTM, gate), per focused
+        frame (embedding, fine LSTM), per video (classifier). A skipped frame's sync is a
+        copy."""
+        E = self.embed_glance[0].out_features
+        g = torch.zeros(1, self.norm_glance.mean.numel())
+        f = torch.zeros(1, self.norm_focus.mean.numel())
+        hc, hf = torch.zeros(1, self.Hc), torch.zeros(1, self.Hf)
+
+        def glanced() -> None:
+            v = self.embed_glance(self.norm_glance(g))
+            h, _ = self.coarse(v, (hc, hc))
+            self.gate(torch.cat([v, h, hf], dim=1))
+
+        def focused() -> None:
+            v = self.embed_focus(self.norm_focus(f))
+            self.fine(torch.cat([torch.zeros(1, E), v], dim=1), (hf, hf))
+
+        return {"glanced": count_head_gflops(glanced, unit),
+                "focused": count_head_gflops(focused, unit),
+                "video": count_head_gflops(lambda: self.classifier(hf), unit)}
+
+
+# -- train and evaluate ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: LiteEval, split: PairSplit, costs: FrameCosts, args: LiteEvalArgs,
+             batch_size: int = 256, name: str = NAME) -> PeerResult:
+    """Every video of ``split`` once: centre frames of the segments, hard gates."""
+    model.eval()
+    frames, mask = sample_frames(split.lengths, args.num_frames)
+    scores, decisions = [], []
+    for lo in range(0, split.num_videos, batch_size):
+        videos = torch.arange(lo, min(lo + batch_size, split.num_videos))
+        glance, focus = gather_batch(split, videos, frames[videos])
+        logits, b = model(glance, focus, mask[videos])
+        scores.append(torch.softmax(logits, dim=1))
+        decisions.append(b > 0.5)
+    focus_mask = torch.cat(decisions) & mask
+    glanced = [f[m].tolist() for f, m in zip(frames, mask, strict=True)]
+    focused = [f[m].tolist() for f, m in zip(frames, focus_mask, strict=True)]
+    per = model.cost_per_frame(costs.unit)
+    head = (mask.sum(1).numpy() * per["glanced"] + focus_mask.sum(1).numpy() * per["focused"]
+            + per["video"])
+    record = SelectionRecord.from_frames(split.lengths, focused, glanced, head)
+    return score(name, torch.cat(scores).numpy(), split.labels, record, costs)
+
+
+def train(pair: FeaturePair, args: LiteEvalArgs, train_split: PairSplit | None = None,
+          val_split: PairSplit | None = None, log: bool = False) -> tuple[LiteEval, dict]:
+    """Train on ``train``, keep the checkpoint of best val mAP (second half of training).
+
+    Deterministic for ``args.seed`` on the CPU: initialization, batches, frame sampling and
+    Gumbel noise draw from the seed, dropout from the global stream seeded inside a fork (the
+    caller's random state is left as it was).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return _fit(pair, args, train_split, val_split, log)
+
+
+def _fit(pair: FeaturePair, args: LiteEvalArgs, train_split: PairSplit | None,
+         val_split: PairSplit | None, log: bool) -> tuple[LiteEval, dict]:
+    train_split = train_split or pair.load("train")
+    val_split = val_split or pair.load("val")
+    costs = FrameCosts.from_pair(pair)
+    model = seeded_init(args.seed, lambda: LiteEval(pair.glance_dim, pair.focus_dim,
+                                                    len(pair.class_names), args))
+    model.norm_glance.fit(train_split.glance.flat)
+    model.norm_focus.fit(train_split.focus.flat)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+    labels = torch.as_tensor(train_split.labels)
+    num_train = train_split.num_videos
+    steps = train_steps(num_train, args.batch_size, args.epochs, args.min_steps, args.max_steps)
+    order, cursor = torch.randperm(num_train, generator=generator), 0
+    best = {"mAP": -1.0, "step": -1, "state": None}
+    history: list[dict] = []
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for step in range(steps):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, args.lr, args.warmup_frac)
+        tau = anneal(step, steps, args.tau_start, args.tau_end)
+        if cursor + args.batch_size > num_train:  # a new epoch
+            order, cursor = torch.randperm(num_train, generator=generator), 0
+        videos = order[cursor: cursor + args.batch_size]
+        cursor += args.batch_size
+        frames, mask = sample_frames(train_split.lengths[videos.numpy()], args.num_frames,
+                                     generator)
+        glance, focus = gather_batch(train_split, videos, frames)
+        logits, b = model(glance, focus, mask, tau, generator)
+        usage = b.sum(1) / mask.sum(1)
+        ce = F.cross_entropy(logits, labels[videos])
+        loss = ce + args.lam * ((usage - args.gamma) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        last = step == steps - 1
+        if last or (step + 1 >= steps // 2 and (step + 1) % args.eval_every == 0):
+            val = evaluate(model, val_split, costs, args)
+            history.append({"step": step + 1, "ce": float(ce.detach()),
+                            "usage": float(usage.detach().mean()),
+                            "tau": tau, "val_mAP": val.mAP, "val_focused": val.frames_focused,
+                            "val_gflops": val.gflops_per_video,
+                            "time_s": time.perf_counter() - t0})
+            if log:
+                print(json.dumps(history[-1]))
+            if val.mAP >= best["mAP"]:  # ties: the later (more trained) checkpoint
+                best = {"mAP": val.mAP, "step": step + 1,
+                        "state": copy.deepcopy(model.state_dict())}
+    model.load_state_dict(best["state"])
+    model.eval()
+    return model, {"steps": steps, "best_step": best["step"], "best_val_mAP": best["mAP"],
+                   "train_s": time.perf_counter() - t0,
+                   "train_cpu_s": time.process_time() - cpu0, "history": history}
+
+
+def save(model: LiteEval, args: LiteEvalArgs, pair: FeaturePair, path: str | Path) -> None:
+    """Checkpoint: weights (normalization statistics included) and the arguments."""
+    torch.save({"method": NAME, "args": asdict(args), "state_dict": model.state_dict(),
+                "dims": [pair.glance_dim, pair.focus_dim, len(pair.class_names)]}, path)
+
+
+def load(path: str | Path) -> tuple[LiteEval, LiteEvalArgs]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    args = LiteEvalArgs(**ckpt["args"])
+    model = LiteEval(*ckpt["dims"], args)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), args
+
+
+def run(pair: FeaturePair, args: LiteEvalArgs | None = None, out: str | Path | None = None,
+        log: bool = False) -> dict:
+    """Train (train split), select (val mAP), score (test) and compare with uniform sampling
+    at the same GFLOPs. Returns ``{"row", "uniform", "val", "train", "summary"}``: ``row``
+    and ``uniform`` are SPEC section 7 ``policies`` entries (test split)."""
+    args = args or LiteEvalArgs()
+    splits = {s: pair.load(s) for s in ("train", "val", "test")}
+    costs = FrameCosts.from_pair(pair)
+    model, info = train(pair, args, splits["train"], splits["val"], log=log)
+    test = evaluate(model, splits["test"], costs, args)
+    val = evaluate(model, splits["val"], costs, args)
+    uniform = matched_uniform(splits["train"], splits["test"], test.gflops_per_video, costs)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save(model, args, pair, Path(out) / f"{NAME}.pt")
+    return {"row": test.row(), "uniform": uniform.row(), "val": val.summary(),
+            "summary": test.summary(), "train": info, "args": asdict(args), "model": model}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m agents.peers.liteeval",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--glance", required=True)
+    parser.add_argument("--focus", required=True)
+    parser.add_argument("--out", default=None)
+    for name, value in asdict(LiteEvalArgs()).items():
+        kind = float if isinstance(value, float) else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    ns = vars(parser.parse_args(argv))
+    glance, focus, out = ns.pop("glance"), ns.pop("focus"), ns.pop("out")
+    result = run(FeaturePair(glance, focus), LiteEvalArgs(**ns), out, log=True)
+    result.pop("model")
+    print(json.dumps({k: result[k] for k in ("row", "uniform", "val")}, indent=1))
+    if out is not None:
+        (Path(out) / f"{NAME}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
