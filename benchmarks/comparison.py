@@ -48,8 +48,8 @@ PEERS: dict[str, tuple[ModuleType, type]] = {
 #: own defaults (docs/peers.md)
 TINY_PEER_ARGS: dict[str, dict] = {
     "liteeval": dict(embed_dim=32, coarse_hidden=16, fine_hidden=32, num_frames=16,
-                     min_steps=40, max_steps=40, eval_every=10),
-    "afnet": dict(hidden=32, num_frames=16, min_steps=40, max_steps=40, eval_every=10),
+                     min_steps=100, max_steps=100, eval_every=25),
+    "afnet": dict(hidden=32, num_frames=16, min_steps=100, max_steps=100, eval_every=25),
 }
 
 #: glance : focus per-frame cost of the stand-in: MobileNetV2 vs ResNet-50 at 224x224
@@ -117,6 +117,7 @@ def ensure_stand_in(dataset: Path, out: Path, seed: int, log: Any = print) -> tu
 
     with FeatureStore(dataset) as store:
         cost = store.gflops_per_frame * STAND_IN_COST_RATIO
+        unit = store.flops_unit
     stat = dataset.stat()
     key = {"focus": str(dataset.resolve()), "focus_size": stat.st_size,
            "focus_mtime_ns": stat.st_mtime_ns, "seed": int(seed), "gflops_per_frame": cost}
@@ -129,7 +130,8 @@ def ensure_stand_in(dataset: Path, out: Path, seed: int, log: Any = print) -> tu
         except json.JSONDecodeError:
             pass
     log(f"glance: building the SYNTHETIC stand-in {out} from {dataset} (a degraded copy of the "
-        f"focus features, {cost:.4g} G/frame = {STAND_IN_COST_RATIO:.4f} x the focus cost)")
+        f"focus features, {cost:.4g} G{unit}/frame = {STAND_IN_COST_RATIO:.4f} x the focus "
+        "cost)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, suffix=".partial.h5") as tmp:
         make_glance_features(dataset, tmp, gflops_per_frame=cost, seed=seed)
@@ -291,7 +293,7 @@ def comparison_table(peers: dict, rows: list[EvalResult]) -> str:
     glance = f"{g['backbone']} ({g['gflops_per_frame']:.3g})"
     focus = f"{f['backbone']} ({f['gflops_per_frame']:.3g})"
     wg, wf = max(len(glance), 15), max(len(focus), 15)
-    header = (f"{'method':<24} {'glance (G/frame)':<{wg}} {'focus (G/frame)':<{wf}} "
+    header = (f"{'method':<26} {'glance (G/frame)':<{wg}} {'focus (G/frame)':<{wf}} "
               f"{'mAP %':>6} {'top1 %':>6} {'GFLOPs':>7} {'glanced':>7} {'focused':>7} "
               f"{'latency ms':>10}")
     lat = peers["latency"]
@@ -309,7 +311,7 @@ def comparison_table(peers: dict, rows: list[EvalResult]) -> str:
     def line(name: str, gl: str, r: dict, glanced: float, focused: float,
              ms: float | None) -> str:
         latency = f"{ms:>10.2f}" if ms is not None else f"{'-':>10}"
-        return (f"{name:<24} {gl:<{wg}} {focus:<{wf}} {r['mAP']:>6.1f} {r['top1']:>6.1f} "
+        return (f"{name:<26} {gl:<{wg}} {focus:<{wf}} {r['mAP']:>6.1f} {r['top1']:>6.1f} "
                 f"{r['gflops_per_video']:>7.2f} {glanced:>7.1f} {focused:>7.1f} {latency}")
 
     adaptive = next((r for r in rows if r.name == "adaptive"), None)
@@ -322,7 +324,7 @@ def comparison_table(peers: dict, rows: list[EvalResult]) -> str:
                           p["latency_ms"]))
         lines.append(line(f"  {u['name']} (>= {name})", "-", u, 0.0, u["frames_focused"], None))
     lines += [f"latency: wall ms per video at batch 1 on the cached features, {lat['threads']} "
-              f"torch threads; peers: {lat['peers']}; ViMo: {lat['vimo']}. "
+              f"torch thread(s); peers: {lat['peers']}; ViMo: {lat['vimo']}. "
               "uniform-k (>= peer): k = ceil(peer GFLOPs / focus cost) uniformly spaced focus "
               "frames, mean-pooled, logistic regression fit on train (results.json "
               "\"peers\", not \"policies\")",
