@@ -324,10 +324,12 @@ def comparison_table(peers: dict, rows: list[EvalResult]) -> str:
                           p["latency_ms"]))
         lines.append(line(f"  {u['name']} (>= {name})", "-", u, 0.0, u["frames_focused"], None))
     lines += [f"latency: wall ms per video at batch 1 on the cached features, {lat['threads']} "
-              f"torch thread(s); peers: {lat['peers']}; ViMo: {lat['vimo']}. "
+              f"torch thread(s); peers: {lat['peers']};",
+              f"  ViMo: {lat['vimo']}",
               "uniform-k (>= peer): k = ceil(peer GFLOPs / focus cost) uniformly spaced focus "
-              "frames, mean-pooled, logistic regression fit on train (results.json "
-              "\"peers\", not \"policies\")",
+              "frames, mean-pooled, logistic regression fit on train",
+              "  (a reference at no less cost than the peer; in results.json \"peers\", not "
+              "\"policies\")",
               "", "As reported in the papers (ActivityNet-v1.3; NOT measured here: other data, "
               "backbones fine-tuned end to end, the papers' own GFLOPs accounting)",
               f"{'method':<12} {'backbones':<42} {'mAP %':>6} {'GFLOPs':>7}  source"]

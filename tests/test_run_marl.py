@@ -464,7 +464,7 @@ def test_resume_loads_finished_peers(run_marl, full_run, tiny_dataset, tmp_path,
     monkeypatch.setattr(afnet, "train", no_training)
     resumed = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
                              str(tmp_path), "--seed", "0", "--no-progress", "--resume",
-                             "--data-dir", _data_dir(payload)])
+                             "--glance", payload["peers"]["glance"]["path"]])  # (checked)
     ref = {p["name"]: p for p in payload["policies"] if p["name"] in PEERS}
     got = {p["name"]: p for p in resumed["policies"] if p["name"] in PEERS}
     assert got == ref
@@ -473,6 +473,9 @@ def test_resume_loads_finished_peers(run_marl, full_run, tiny_dataset, tmp_path,
         assert p["resumed"] and p["uniform"] == before["uniform"]
         assert p["train"] == before["train"]  # the training record travels with the checkpoint
     assert resumed["peers"]["latency"]["vimo_ms"] is None  # (no ViMo policy in the stand-in)
+    assert resumed["peers"]["glance"]["stand_in_built_now"] is None  # --glance given
+    with pytest.raises(SystemExit, match="not found"):
+        run_marl.main(["--dataset", str(tiny_dataset), "--glance", str(tmp_path / "no.h5")])
     for bad in ("nsnet", "liteeval,nope", ","):
         with pytest.raises(SystemExit):
             run_marl.parse_args(["--peers", bad])
