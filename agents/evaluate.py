@@ -57,10 +57,14 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
-        """The ``policies`` entry of ``results.json`` (SPEC section 7)."""
-        return {"name": self.name, "mAP": self.mAP, "top1": self.top1,
-                "frame_rate": self.frame_rate, "frames_per_video": self.frames_per_video,
-                "gflops_per_video": self.gflops_per_video}
+        """The ``policies`` entry of ``results.json`` (SPEC section 7); a glance/focus peer's
+        row also carries ``frames_glanced`` and ``frames_focused`` (from ``extra``)."""
+        row = {"name": self.name, "mAP": self.mAP, "top1": self.top1,
+               "frame_rate": self.frame_rate, "frames_per_video": self.frames_per_video,
+               "gflops_per_video": self.gflops_per_video}
+        row.update({k: float(self.extra[k]) for k in ("frames_glanced", "frames_focused")
+                    if k in self.extra})
+        return row
 
 
 def recognizer_cost(recognizer: Recognizer, flops_unit: str) -> tuple[float, float]:

@@ -142,7 +142,7 @@ def run(variant: Variant, path: Path, out: Path, threads: int, quick: bool) -> d
         return json.loads(results.read_text())
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run_marl.py"), "--dataset", str(path),
            "--out", str(out / variant.name), "--threads", str(threads), "--no-progress",
-           "--resume"]
+           "--resume", "--no-peers"]  # ViMo's defaults only (the peers: run_marl alone)
     if quick:
         cmd += ["--budget", "tiny", "--allow-unhealthy-stage1"]
     log = out / f"{variant.name}.log"

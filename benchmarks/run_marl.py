@@ -38,6 +38,14 @@ Per-locator credit. Each locator's critic learns from ``0.5 x team reward + 0.5 
 difference reward`` (``SACConfig.difference_credit``; the env's ``locator_credit``); the
 measurements that chose it are in ``docs/experiments.md``.
 
+Peers (``benchmarks.comparison``). After ViMo, the seed peers (``--peers liteeval,afnet``, the
+default; ``--no-peers`` skips them) train on a glance/focus pair: ``--glance FILE.h5`` paired
+with the dataset, or a SYNTHETIC stand-in built once from the dataset (cached beside a generated
+dataset, under ``--data-dir`` for a ``--dataset`` file). Their rows join Table 2 and
+``policies`` (with ``frames_glanced`` / ``frames_focused``); a ViMo-Table-6-style table
+compares them side by side (backbones, mAP, GFLOPs, frames, batch-1 latency, uniform sampling
+at no less GFLOPs), then the papers' own ActivityNet numbers, as reported.
+
 Prints ViMo Table 2 (strategy: frame rate, mAP, GFLOPs; test split, final recognizer) and
 Table 5 (mAP and GFLOPs after each stage), with the command line that produced them, and writes
 ``DIR/results.json`` (SPEC section 7), ``DIR/results.csv``, ``DIR/trajectories.json`` (a few
@@ -84,7 +92,7 @@ from agents.trainer import (  # noqa: E402
     TrainerConfig,
     source_for,
 )
-from benchmarks import plots  # noqa: E402
+from benchmarks import comparison, plots  # noqa: E402
 from benchmarks.figure_data import collect_trajectories, save_trajectories  # noqa: E402
 from benchmarks.machine import dense_matmul_gflops, peak_rss_gb  # noqa: E402
 from features.atomic import atomic_path, write_text_atomic  # noqa: E402
@@ -179,10 +187,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch CPU threads (2: the reference machine's cores; the float "
                         "reductions, and so the exact figures, depend on it)")
     p.add_argument("--eval-batch-size", type=int, default=1024)
+    p.add_argument("--glance", default=None, metavar="FILE.h5",
+                   help="the peers' glance features, paired with the dataset (same videos and "
+                        "frames; default: a SYNTHETIC stand-in built once from the dataset, see "
+                        "benchmarks.comparison)")
+    peers = p.add_mutually_exclusive_group()
+    peers.add_argument("--peers", default=",".join(comparison.PEERS),
+                       help="seed peers run on the same features after ViMo (comma-separated; "
+                            f"default {','.join(comparison.PEERS)})")
+    peers.add_argument("--no-peers", action="store_true", help="skip the peers (a quick run)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        args.peers = [] if args.no_peers else comparison.parse_peers(args.peers)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
@@ -358,7 +379,46 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
         max_moves=config.max_moves, stride=config.stride, seed=config.seed, dataset=path,
         dataset_hint={"preset": args.preset, "seed": args.data_seed})
     return {"config": asdict(config), "rows": rows, "stages": stage_rows, "extra": extra,
-            "phases": phases, "trajectories": trajectories}
+            "phases": phases, "trajectories": trajectories,
+            "handles": {"trainer": trainer, "stages": stages, "config": config}}
+
+
+def run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, result: dict,
+              pair: comparison.FeaturePair | None) -> str:
+    """The ``peers`` phase: each of ``--peers`` on the glance/focus pair (``pair``: the
+    checked ``--glance``; None: the cached synthetic stand-in), then ViMo's batch-1 latency.
+    Appends the peers' rows to ``result["rows"]`` (Table 2, ``policies``), stores the record
+    under ``result["extra"]["peers"]`` and the time under ``result["phases"]["peers"]``;
+    returns the printed comparison tables. Runs on one torch thread whatever ``--threads``
+    (the peers' per-step ops are small: more threads only add synchronization, and their
+    numbers do not depend on the setting; latencies are single-stream)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_peers(args, path, budget, out, result, pair)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, result: dict,
+               pair: comparison.FeaturePair | None) -> str:
+    t0 = time.perf_counter()
+    built = None
+    if pair is None:
+        glance = comparison.stand_in_path(path, args.data_dir, user_dataset=bool(args.dataset))
+        glance, built = comparison.ensure_stand_in(path, glance, args.data_seed)
+        pair = comparison.FeaturePair(glance, path)
+    seed = result["config"]["seed"]
+    peers = comparison.run_peers(pair, args.peers, budget, seed, out / "train" / "peers",
+                                 args.resume, comparison.glance_record(pair, built))
+    handles = result.get("handles")
+    if handles is not None:
+        peers["latency"]["vimo_ms"] = comparison.vimo_latency_ms(
+            path, handles["trainer"], handles["stages"], handles["config"])
+    result["rows"].extend(comparison.peer_rows(peers))
+    result["extra"]["peers"] = peers
+    result.setdefault("phases", {})["peers"] = time.perf_counter() - t0
+    return comparison.comparison_table(peers, result["rows"])
 
 
 def print_tables(command: str, result: dict, dataset: str, unit: str, wall: float,
@@ -445,8 +505,11 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     t0 = time.perf_counter()
     out = Path(args.out)
     path, budget = dataset_path(args)
+    # a given glance file is checked against the dataset now, before any training
+    pair = comparison.check_glance(args.glance, path) if args.glance and args.peers else None
     data_s = time.perf_counter() - t0
     result = run_once(args, path, budget, out)
+    peers_text = run_peers(args, path, budget, out, result, pair) if args.peers else None
     unit = result["rows"][0].flops_unit
     sweep: list[dict] | None = None
     sweep_s = 0.0
@@ -482,6 +545,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     write_outputs(out, payload, result["rows"], result["stages"], sweep,
                   result["trajectories"])
     print_tables(command, result, str(path), unit, wall, machine)
+    if peers_text:
+        print(peers_text)
     if sweep:
         name = {"lambda": "lambda", "locators": "N", "max_moves": "m"}[args.sweep]
         print(f"\nSweep over {name} (adaptive policy, test split)")

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC_POLICY_KEYS = {"name", "mAP", "top1", "frame_rate", "frames_per_video", "gflops_per_video"}
 POLICIES = {"adaptive", "all", "uniform-25", "uniform-50", "random-25", "random-50", "initial",
             "open-loop", "probe"}
+PEERS = {"liteeval", "afnet"}  # the seed peers run after ViMo (benchmarks.comparison)
+PEER_KEYS = SPEC_POLICY_KEYS | {"frames_glanced", "frames_focused"}
 
 
 def _load_script():
@@ -31,9 +33,30 @@ def run_marl():
 @pytest.fixture(scope="module")
 def full_run(run_marl, tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("marl_full")
+    # --data-dir: where the peers' synthetic glance stand-in of the --dataset file is cached
     payload = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
-                             str(out), "--seed", "0", "--no-progress"])
+                             str(out), "--seed", "0", "--no-progress", "--data-dir",
+                             str(tmp_path_factory.mktemp("marl_data"))])
     return out, payload
+
+
+def _data_dir(payload: dict) -> str:
+    """The full run's --data-dir (where its glance stand-in is cached)."""
+    return str(Path(payload["peers"]["glance"]["path"]).parent)
+
+
+def _fake_run_once(payload: dict, scale=lambda row, args: row):
+    """A stand-in for run_marl.run_once that returns the full run's ViMo rows (no training)."""
+    from agents.evaluate import EvalResult
+
+    def fake(args, path, budget, sub_out):
+        rows = [EvalResult(**scale(p, args), flops_unit=payload["flops_unit"])
+                for p in payload["policies"] if p["name"] not in PEERS]
+        extra = {k: payload[k] for k in ("stage1_health", "frame_cost", "open_loop_schedule")}
+        return {"config": payload["config"], "rows": rows, "stages": [], "extra": extra,
+                "trajectories": None}
+
+    return fake
 
 
 def test_tiny_run_writes_results_files(full_run, tiny_dataset):
@@ -43,11 +66,11 @@ def test_tiny_run_writes_results_files(full_run, tiny_dataset):
                           "wall_time_s"}
     assert saved["dataset"] == str(tiny_dataset) and saved["seed"] == 0
     assert saved["flops_unit"] in ("MACs", "FLOPs") and saved["wall_time_s"] > 0
-    assert {p["name"] for p in saved["policies"]} == POLICIES
+    assert {p["name"] for p in saved["policies"]} == POLICIES | PEERS
     for p in saved["policies"]:
-        assert set(p) == SPEC_POLICY_KEYS
+        assert set(p) == (PEER_KEYS if p["name"] in PEERS else SPEC_POLICY_KEYS)
         assert 0 <= p["mAP"] <= 100 and 0 <= p["top1"] <= 100 and 0 < p["frame_rate"] <= 100
-    rows = {p["name"]: p for p in saved["policies"]}
+    rows = {p["name"]: p for p in saved["policies"] if p["name"] not in PEERS}
     assert rows["all"]["frame_rate"] == pytest.approx(100.0)
     assert rows["initial"]["frames_per_video"] == 3.0
     # adaptive policies see at most N*(m+1) = 15 frames; cost grows with frames
@@ -60,7 +83,7 @@ def test_tiny_run_writes_results_files(full_run, tiny_dataset):
     assert all(isinstance(s["improves"], bool) for s in saved["stages"][1:])
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert {r["name"] for r in table if r["kind"] == "policy"} == POLICIES
+    assert {r["name"] for r in table if r["kind"] == "policy"} == POLICIES | PEERS
     assert sum(r["kind"].startswith("stage-") for r in table) == 3
     png = (out / "map_vs_gflops.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -72,6 +95,32 @@ def test_tiny_run_writes_results_files(full_run, tiny_dataset):
     assert any((train / "stage2" / "tb").iterdir()) and any((train / "tb").iterdir())
     # replay buffers are only for resuming inside a part: gone once training is complete
     assert not list(train.rglob("buffer.h5"))
+
+
+def test_tiny_run_compares_the_peers_on_the_same_features(full_run, tiny_dataset):
+    """The peers ran on the cached synthetic glance stand-in (under --data-dir, not beside the
+    --dataset file); their rows carry frames glanced / focused; the matched-uniform references
+    stay out of policies, under "peers"."""
+    out, payload = full_run
+    saved = json.loads((out / "results.json").read_text())
+    peers = saved["peers"]
+    glance = Path(peers["glance"]["path"])
+    assert glance.is_file() and glance.parent != Path(tiny_dataset).parent
+    assert peers["glance"]["synthetic"] and peers["focus"]["path"] == str(tiny_dataset)
+    assert peers["glance"]["gflops_per_frame"] == pytest.approx(
+        0.32 / 4.09 * peers["focus"]["gflops_per_frame"])
+    rows = {p["name"]: p for p in saved["policies"]}
+    assert set(peers["methods"]) == PEERS
+    for name, p in peers["methods"].items():
+        assert p["row"] == rows[name] and not p["resumed"] and p["latency_ms"] > 0
+        assert rows[name]["frames_glanced"] == 16  # the tiny budget's 16 TSN segments
+        assert 0 <= rows[name]["frames_focused"] <= 16
+        assert p["uniform"]["name"] not in rows  # references stay out of policies
+        assert p["uniform"]["gflops_per_video"] >= rows[name]["gflops_per_video"]
+        assert p["train"]["steps"] == 100 and "mAP" in p["val"]
+        assert (out / "train" / "peers" / f"{name}.pt").is_file()
+    assert peers["latency"]["vimo_ms"] > 0
+    assert saved["machine"]["phases"]["peers"] > 0
 
 
 def test_stage3_keeps_the_recognizer_that_scores_best_on_val(full_run, tiny_dataset,
@@ -182,7 +231,7 @@ def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run,
 
     reference_dir, reference = full_run
     args = ["--dataset", str(tiny_dataset), "--budget", "tiny", "--out", str(tmp_path),
-            "--seed", "0", "--no-progress"]
+            "--seed", "0", "--no-progress", "--no-peers"]
     stage2 = tmp_path / "train" / "stage2"
     saves: list[tuple[str, int]] = []  # (part, epoch) of every checkpoint.pt written
     original = ctde_sac.save_checkpoint
@@ -222,6 +271,7 @@ def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run,
     assert (tmp_path / "train" / "stage3" / "round0" / "sac" / "checkpoint.pt").is_file()
     ref = {p["name"]: p for p in reference["policies"]}
     got = {p["name"]: p for p in resumed["policies"]}
+    assert not PEERS & set(got) and "peers" not in resumed  # --no-peers
     # what does not depend on Stage II/III's learning matches the uninterrupted run
     for name in ("all", "uniform-50", "initial"):
         assert got[name]["frames_per_video"] == ref[name]["frames_per_video"]
@@ -258,7 +308,8 @@ def test_sac_overrides_reach_the_learner_and_bad_ones_stop_early(run_marl):
 def test_same_seed_same_numbers(run_marl, full_run, tiny_dataset, tmp_path):
     _, reference = full_run
     again = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
-                           str(tmp_path), "--seed", "0", "--no-progress"])
+                           str(tmp_path), "--seed", "0", "--no-progress", "--data-dir",
+                           _data_dir(reference)])
     assert again["policies"] == reference["policies"]
     assert again["stages"] == reference["stages"]
 
@@ -282,7 +333,12 @@ def test_photounits_run_end_to_end(run_marl, tmp_path):
     payload = run_marl.main(["--photounits", "tiny", "--data-dir", str(tmp_path / "data"),
                              "--out", str(tmp_path / "out"), "--no-progress"])
     assert "photounits-tiny-" in payload["dataset"]
-    assert {p["name"] for p in payload["policies"]} == POLICIES
+    assert {p["name"] for p in payload["policies"]} == POLICIES | PEERS
+    # the glance stand-in is cached beside the generated dataset, at 1 : 12.8 of its cost
+    glance = payload["peers"]["glance"]
+    assert Path(glance["path"]).parent == Path(payload["dataset"]).parent
+    assert glance["gflops_per_frame"] == pytest.approx(
+        0.32 / 4.09 * payload["peers"]["focus"]["gflops_per_frame"])
     assert len(list((tmp_path / "data").glob("photounits-bank-*.npz"))) == 1
     assert payload["flops_unit"] == "MACs"
     # live_latency finds the build's MP4 manifest from the cache folder or the build folder
@@ -359,23 +415,24 @@ def test_sweep_max_moves_runs_each_value_and_draws_figure_3(run_marl, full_run, 
     """--sweep max_moves (default 3,4,5,6) reruns the pipeline per m and draws the sweep's
     mAP-GFLOPs curve with the baselines (the per-value runs are stood in for by the tiny run's
     rows, scaled, so that no more training runs here)."""
-    from agents.evaluate import EvalResult
-
     out, payload = full_run
     seen: list[tuple[int, Path]] = []
+    fake = _fake_run_once(payload, lambda p, args: {
+        **p, "mAP": p["mAP"] - (4 - args.max_moves),
+        "gflops_per_video": p["gflops_per_video"] * args.max_moves / 4})
 
     def fake_run_once(args, path, budget, sub_out):
         seen.append((args.max_moves, sub_out))
-        rows = [EvalResult(**{**p, "mAP": p["mAP"] - (4 - args.max_moves),
-                              "gflops_per_video": p["gflops_per_video"] * args.max_moves / 4},
-                           flops_unit=payload["flops_unit"]) for p in payload["policies"]]
-        return {"config": payload["config"], "rows": rows, "stages": [],
-                "extra": {"open_loop_schedule": []}, "trajectories": None}
+        return fake(args, path, budget, sub_out)
 
     monkeypatch.setattr(run_marl, "run_once", fake_run_once)
     assert run_marl.parse_args(["--sweep", "max_moves"]).sweep == "max_moves"
     swept = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
-                           str(tmp_path), "--no-progress", "--sweep", "max_moves"])
+                           str(tmp_path), "--no-progress", "--sweep", "max_moves",
+                           "--no-peers", "--data-dir", str(tmp_path / "data")])
+    # --no-peers: no peer rows, no peers record, no glance stand-in built
+    assert not PEERS & {p["name"] for p in swept["policies"]} and "peers" not in swept
+    assert not (tmp_path / "data").exists() and not (tmp_path / "train" / "peers").exists()
     assert [m for m, _ in seen] == [4, 3, 4, 5, 6]
     assert [p.name for _, p in seen[1:]] == [f"sweep-max_moves-{m}" for m in (3, 4, 5, 6)]
     assert [s["value"] for s in swept["sweep"]] == [3, 4, 5, 6]
@@ -386,6 +443,44 @@ def test_sweep_max_moves_runs_each_value_and_draws_figure_3(run_marl, full_run, 
 
     info = plots.draw_all(tmp_path, tmp_path / "again")["sweep_max_moves.png"]
     assert info["values"] == [3, 4, 5, 6] and info["panels"] in (1, 2)
+
+
+def test_resume_loads_finished_peers(run_marl, full_run, tiny_dataset, tmp_path, monkeypatch):
+    """--resume: a finished peer (checkpoint and record under DIR/train/peers) is loaded and
+    evaluated, not retrained, and scores as the run that trained it; unknown peers are
+    refused."""
+    import shutil
+
+    from agents.peers import afnet, liteeval
+
+    out, payload = full_run
+    shutil.copytree(out / "train" / "peers", tmp_path / "train" / "peers")
+    monkeypatch.setattr(run_marl, "run_once", _fake_run_once(payload))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished peer was retrained under --resume")
+
+    monkeypatch.setattr(liteeval, "train", no_training)
+    monkeypatch.setattr(afnet, "train", no_training)
+    resumed = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
+                             str(tmp_path), "--seed", "0", "--no-progress", "--resume",
+                             "--glance", payload["peers"]["glance"]["path"]])  # (checked)
+    ref = {p["name"]: p for p in payload["policies"] if p["name"] in PEERS}
+    got = {p["name"]: p for p in resumed["policies"] if p["name"] in PEERS}
+    assert got == ref
+    for name, p in resumed["peers"]["methods"].items():
+        before = payload["peers"]["methods"][name]
+        assert p["resumed"] and p["uniform"] == before["uniform"]
+        assert p["train"] == before["train"]  # the training record travels with the checkpoint
+    assert resumed["peers"]["latency"]["vimo_ms"] is None  # (no ViMo policy in the stand-in)
+    assert resumed["peers"]["glance"]["stand_in_built_now"] is None  # --glance given
+    with pytest.raises(SystemExit, match="not found"):
+        run_marl.main(["--dataset", str(tiny_dataset), "--glance", str(tmp_path / "no.h5")])
+    for bad in ("nsnet", "liteeval,nope", ","):
+        with pytest.raises(SystemExit):
+            run_marl.parse_args(["--peers", bad])
+    assert run_marl.parse_args(["--peers", "afnet"]).peers == ["afnet"]
+    assert run_marl.parse_args(["--no-peers"]).peers == []
 
 
 def test_trajectory_logger_logs_a_figure_per_epoch(full_run, tiny_dataset, tmp_path):
