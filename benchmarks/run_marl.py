@@ -370,7 +370,8 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
                            gflops_per_video=probe["gflops_per_video"],
                            flops_unit=rows[0].flops_unit))
     extra["probe"] = stage1["probe"]
-    extra["stage1_health"] = {**stage1["health"], "stage1_val_mAP": stage1["best_val_mAP"],
+    extra["stage1_health"] = {**stage1["health"],
+                              "stage1_val_mAP": stage1["val_mAP_on_probe_frames"],
                               "probe_val_mAP": stage1["probe"]["val"]["mAP"]}
     extra["frame_cost"] = stage1["frame_cost"]
     extra["stage1_steps"] = stage1["steps"]
@@ -437,7 +438,8 @@ def print_tables(command: str, result: dict, dataset: str, unit: str, wall: floa
     health = result["extra"]["stage1_health"]
     lam = result["extra"]["frame_cost"]
     lines += ["", f"probe = scikit-learn logistic regression on mean-pooled uniform-25 frames "
-              f"(fit on train); Stage I self-check (val): Stage I {health['stage1_val_mAP']:.1f}"
+              f"(fit on train); Stage I self-check (val, uniform-25 frames): Stage I "
+              f"{health['stage1_val_mAP']:.1f}"
               f" vs probe {health['probe_val_mAP']:.1f} mAP = {100 * health['ratio']:.0f}% "
               f"({'healthy' if health['healthy'] else 'UNHEALTHY: ' + health['diagnosis']})",
               f"lambda = {lam['value']:.5f} ({lam['rule']})",
