@@ -20,7 +20,7 @@ read from the file; it needs train/val/test splits).
 Budgets. One recipe for every dataset (``agents.trainer.TrainerConfig``): Stage I's gradient
 steps follow the train split's size, inputs are normalized with train statistics, lambda is
 derived from the data after Stage I, and a linear probe checks Stage I before any SAC budget
-is spent (the run stops when Stage I is below 0.9 x the probe's val mAP;
+is spent (the run stops when Stage I is below 0.9 x the probe's val mAP on the same frames;
 ``--allow-unhealthy-stage1`` goes on). ``--budget tiny`` shrinks networks and step counts for
 smoke tests. Why these defaults, with the measurements: ``docs/experiments.md``.
 
