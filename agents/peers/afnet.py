@@ -61,6 +61,7 @@ from agents.peers.harness import (
     seeded_init,
     train_steps,
 )
+from features.atomic import torch_save_atomic, write_text_atomic
 from features.pairs import FeaturePair, PairSplit
 
 NAME = "afnet"
@@ -264,7 +265,7 @@ def _fit(pair: FeaturePair, args: AFNetArgs, train_split: PairSplit | None,
 
 def save(model: AFNet, args: AFNetArgs, pair: FeaturePair, path: str | Path) -> None:
     """Checkpoint: weights (normalization statistics included) and the arguments."""
-    torch.save({"method": NAME, "args": asdict(args), "state_dict": model.state_dict(),
+    torch_save_atomic({"method": NAME, "args": asdict(args), "state_dict": model.state_dict(),
                 "dims": [pair.glance_dim, pair.focus_dim, len(pair.class_names)]}, path)
 
 
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     result.pop("model")
     print(json.dumps({k: result[k] for k in ("row", "uniform", "val")}, indent=1))
     if out is not None:
-        (Path(out) / f"{NAME}.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(Path(out) / f"{NAME}.json", json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
