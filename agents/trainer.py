@@ -290,11 +290,14 @@ class ThreeStageTrainer:
         self.frame_cost = float(record["frame_cost"]["value"])
         health = record["health"]
         if not health["healthy"] and not c.allow_unhealthy_stage1:
+            if "val_mAP_on_probe_frames" in record:
+                measured = (f"val mAP {record['val_mAP_on_probe_frames']:.1f} on the probe's "
+                            f"frames ({record['probe']['policy']})")
+            else:  # a run from before the like-with-like check
+                measured = f"val mAP {record['best_val_mAP']:.1f}"
             raise Stage1Unhealthy(
-                f"Stage I recognizer: val mAP {record['val_mAP_on_probe_frames']:.1f} on the "
-                f"probe's frames ({record['probe']['policy']}) is "
-                f"{100 * health['ratio']:.0f}% of the linear probe's "
-                f"{record['probe']['val']['mAP']:.1f} (needs "
+                f"Stage I recognizer: {measured} is {100 * health['ratio']:.0f}% of the linear "
+                f"probe's {record['probe']['val']['mAP']:.1f} (needs "
                 f"{100 * c.stage1_health_fraction:.0f}%; chance {health['chance_mAP']:.1f}). "
                 f"{health['diagnosis']} Stopping before Stage II; rerun with "
                 "--allow-unhealthy-stage1 --resume to continue anyway.")

@@ -371,7 +371,8 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
                            flops_unit=rows[0].flops_unit))
     extra["probe"] = stage1["probe"]
     extra["stage1_health"] = {**stage1["health"],
-                              "stage1_val_mAP": stage1["val_mAP_on_probe_frames"],
+                              "stage1_val_mAP": stage1.get("val_mAP_on_probe_frames",
+                                                           stage1["best_val_mAP"]),
                               "probe_val_mAP": stage1["probe"]["val"]["mAP"]}
     extra["frame_cost"] = stage1["frame_cost"]
     extra["stage1_steps"] = stage1["steps"]
