@@ -60,6 +60,9 @@ class RecognizerConfig:
     # output (the paper). The last output forgets: on long segments all frames scored below a
     # quarter of them; the mean does not dilute (docs/experiments.md)
     lstm_readout: str = "mean"
+    # dropout on the normalized input features, training only (a regularizer for small train
+    # splits; 0 = off, the default)
+    input_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temporal not in TEMPORAL_VARIANTS:
@@ -247,7 +250,8 @@ class Recognizer(nn.Module):
         """
         c = self.config
         H = c.hidden_dim
-        frames = (frames - self.input_mean) / self.input_std
+        frames = F.dropout((frames - self.input_mean) / self.input_std, c.input_dropout,
+                           self.training)
         if c.temporal == "lstm":
             h, cell, total, count = state.split([H, H, H, 1], dim=-1)
             gates = self.cell(torch.cat([frames, h], dim=-1))
@@ -324,7 +328,8 @@ class Recognizer(nn.Module):
             return self.logits(state)
         B, N, L, D = frames.shape
         H = c.hidden_dim
-        x = (frames - self.input_mean) / self.input_std
+        x = F.dropout((frames - self.input_mean) / self.input_std, c.input_dropout,
+                      self.training)
         weight, bias = self.cell.weight, self.cell.bias  # [U, D + H, 4H], [U, 4H]
         if weight.shape[0] == 1:
             gates_x = x @ weight[0, :D] + bias[0]  # [B, N, L, 4H]
