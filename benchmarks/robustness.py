@@ -152,7 +152,8 @@ def run(variant: Variant, path: Path, out: Path, threads: int, quick: bool) -> d
         code = subprocess.call(cmd, stdout=stream, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if code != 0 or not results.is_file():
-        tail = log.read_text().strip().splitlines()[-6:]
+        tail = [line for line in log.read_text().strip().splitlines()[-6:]
+                if line.strip("! ")]  # drop run_marl's banner lines
         return {"failed": True, "wall_time_s": time.perf_counter() - t0,
                 "error": " ".join(tail)}
     return json.loads(results.read_text())
