@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,6 +39,29 @@ def pooled_features(source: FrameSource, num_locators: int, policy: str, seed: i
     return pooled
 
 
+def pooled_classifier(x_train: np.ndarray, labels: np.ndarray, c: float = 1.0,
+                      max_iter: int = 500, tol: float = 1e-3
+                      ) -> Callable[[np.ndarray, int], np.ndarray]:
+    """Standardize pooled features with train statistics and fit a scikit-learn logistic
+    regression; returns ``predict(x [V, D], num_classes) -> scores [V, C]`` (classes absent
+    from the train labels score 0)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    model = LogisticRegression(C=c, max_iter=max_iter, tol=tol)
+    with warnings.catch_warnings():  # an unconverged fit is still a fair reference
+        warnings.simplefilter("ignore")
+        model.fit(scaler.transform(x_train), labels)
+
+    def predict(x: np.ndarray, num_classes: int) -> np.ndarray:
+        scores = np.zeros((len(x), num_classes))
+        scores[:, model.classes_] = model.predict_proba(scaler.transform(x))
+        return scores
+
+    return predict
+
+
 def linear_probe(train: FrameSource, evaluate: dict[str, FrameSource], num_locators: int = 3,
                  policy: str = "uniform-25", seed: int = 0, c: float = 1.0) -> dict:
     """Fit the probe on ``train`` and score it on each source of ``evaluate``.
@@ -46,21 +70,12 @@ def linear_probe(train: FrameSource, evaluate: dict[str, FrameSource], num_locat
     "gflops_per_video"}}``; the cost is that of the frames the policy picks (the probe's own
     cost, one linear map per video, is negligible and not counted).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     t0 = time.perf_counter()
-    x_train = pooled_features(train, num_locators, policy, seed)
-    scaler = StandardScaler().fit(x_train)
-    model = LogisticRegression(C=c, max_iter=500, tol=1e-3)
-    with warnings.catch_warnings():  # an unconverged fit is still a fair reference
-        warnings.simplefilter("ignore")
-        model.fit(scaler.transform(x_train), train.labels)
+    predict = pooled_classifier(pooled_features(train, num_locators, policy, seed),
+                                train.labels, c=c)
     result: dict = {"policy": policy, "fit_s": time.perf_counter() - t0}
     for split, source in evaluate.items():
-        x = scaler.transform(pooled_features(source, num_locators, policy, seed))
-        scores = np.zeros((source.num_videos, source.num_classes))
-        scores[:, model.classes_] = model.predict_proba(x)  # classes absent from train: 0
+        scores = predict(pooled_features(source, num_locators, policy, seed), source.num_classes)
         _, mask = select_frames(source.lengths, num_locators, policy, np.random.default_rng(seed))
         per_video = mask.sum(axis=(1, 2))
         result[split] = {

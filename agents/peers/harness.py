@@ -22,9 +22,11 @@ on uniformly sampled focus frames at the same GFLOPs per video.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,8 @@ import torch
 from torch import nn
 
 from agents.metrics import mean_average_precision, top1_accuracy
+from agents.probe import pooled_classifier
+from features.atomic import torch_save_atomic, write_text_atomic
 from features.pairs import FeaturePair, PairSplit
 from vimo_env.costs import check_flops_unit, count_flops, flops_in_unit
 
@@ -333,18 +337,9 @@ def uniform_reference(train: PairSplit, evaluate: PairSplit, k: int, costs: Fram
     standardized and classified by a scikit-learn logistic regression fit on ``train`` (the
     pooled linear probe of :mod:`agents.probe`, with a fixed frame count). Its own cost (one
     linear map per video) is not counted, in its favour."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    x_train = _pooled_uniform(train, k)
-    scaler = StandardScaler().fit(x_train)
-    model = LogisticRegression(C=c, max_iter=1000, tol=1e-4)
-    with warnings.catch_warnings():  # an unconverged fit is still a fair reference
-        warnings.simplefilter("ignore")
-        model.fit(scaler.transform(x_train), train.labels)
-    scores = np.zeros((evaluate.num_videos, evaluate.num_classes))
-    scores[:, model.classes_] = model.predict_proba(scaler.transform(_pooled_uniform(evaluate,
-                                                                                     k)))
+    predict = pooled_classifier(_pooled_uniform(train, k), train.labels, c=c, max_iter=1000,
+                                tol=1e-4)
+    scores = predict(_pooled_uniform(evaluate, k), evaluate.num_classes)
     frames, mask = sample_frames(evaluate.lengths, k)
     focused = [f[m].tolist() for f, m in zip(frames, mask, strict=True)]
     record = SelectionRecord.from_frames(evaluate.lengths, focused)
@@ -358,3 +353,63 @@ def matched_uniform(train: PairSplit, evaluate: PairSplit, gflops_per_video: flo
     the peer's cost, so a peer above it wins at matched cost."""
     k = max(1, math.ceil(gflops_per_video / costs.focus - 1e-9))
     return uniform_reference(train, evaluate, k, costs, name=name)
+
+
+# -- one scaffolding for every peer: checkpoint, run, command line -----------------------------
+
+
+def save_peer(name: str, model: nn.Module, args: Any, pair: FeaturePair,
+              path: str | Path) -> None:
+    """Checkpoint (atomic): weights (normalization statistics included), the arguments and
+    the shapes the model is rebuilt from."""
+    torch_save_atomic({"method": name, "args": asdict(args), "state_dict": model.state_dict(),
+                       "dims": [pair.glance_dim, pair.focus_dim, len(pair.class_names)]}, path)
+
+
+def load_peer(path: str | Path, model_cls: type, args_cls: type) -> tuple[nn.Module, Any]:
+    """A model and its arguments from :func:`save_peer`, in eval mode."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    args = args_cls(**ckpt["args"])
+    model = model_cls(*ckpt["dims"], args)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), args
+
+
+def run_peer(name: str, args: Any, pair: FeaturePair, train: Any, evaluate: Any,
+             out: str | Path | None = None, log: bool = False) -> dict:
+    """Train (train split), select (val mAP), score (test) and compare with uniform sampling
+    at the same GFLOPs. ``train(pair, args, train_split, val_split, log=)`` returns
+    ``(model, info)``; ``evaluate(model, split, costs, args)`` a :class:`PeerResult`. Returns
+    ``{"row", "uniform", "val", "summary", "train", "args", "model"}``: ``row`` and
+    ``uniform`` are SPEC section 7 ``policies`` entries (test split)."""
+    splits = {s: pair.load(s) for s in ("train", "val", "test")}
+    costs = FrameCosts.from_pair(pair)
+    model, info = train(pair, args, splits["train"], splits["val"], log=log)
+    test = evaluate(model, splits["test"], costs, args)
+    val = evaluate(model, splits["val"], costs, args)
+    uniform = matched_uniform(splits["train"], splits["test"], test.gflops_per_video, costs)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_peer(name, model, args, pair, Path(out) / f"{name}.pt")
+    return {"row": test.row(), "uniform": uniform.row(), "val": val.summary(),
+            "summary": test.summary(), "train": info, "args": asdict(args), "model": model}
+
+
+def peer_cli(name: str, args_cls: type, run: Any, doc: str,
+             argv: list[str] | None = None) -> None:
+    """``python -m agents.peers.<name> --glance G --focus F [--out DIR] [--<arg> V ...]``."""
+    parser = argparse.ArgumentParser(prog=f"python -m agents.peers.{name}",
+                                     description=doc.split("\n\n")[0])
+    parser.add_argument("--glance", required=True)
+    parser.add_argument("--focus", required=True)
+    parser.add_argument("--out", default=None)
+    for field_name, value in asdict(args_cls()).items():
+        kind = float if isinstance(value, float) else int
+        parser.add_argument(f"--{field_name.replace('_', '-')}", type=kind, default=value)
+    ns = vars(parser.parse_args(argv))
+    glance, focus, out = ns.pop("glance"), ns.pop("focus"), ns.pop("out")
+    result = run(FeaturePair(glance, focus), args_cls(**ns), out, log=True)
+    result.pop("model")
+    print(json.dumps({k: result[k] for k in ("row", "uniform", "val")}, indent=1))
+    if out is not None:
+        write_text_atomic(Path(out) / f"{name}.json", json.dumps(result, indent=1))

@@ -35,11 +35,10 @@ Differences from the paper, all forced by or natural to pooled, precomputed feat
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,14 +54,16 @@ from agents.peers.harness import (
     binary_gumbel,
     count_head_gflops,
     gather_batch,
+    load_peer,
     lr_at,
-    matched_uniform,
+    peer_cli,
+    run_peer,
     sample_frames,
+    save_peer,
     score,
     seeded_init,
     train_steps,
 )
-from features.atomic import torch_save_atomic, write_text_atomic
 from features.pairs import FeaturePair, PairSplit
 
 NAME = "liteeval"
@@ -269,53 +270,22 @@ def _fit(pair: FeaturePair, args: LiteEvalArgs, train_split: PairSplit | None,
 
 def save(model: LiteEval, args: LiteEvalArgs, pair: FeaturePair, path: str | Path) -> None:
     """Checkpoint: weights (normalization statistics included) and the arguments."""
-    torch_save_atomic({"method": NAME, "args": asdict(args), "state_dict": model.state_dict(),
-                "dims": [pair.glance_dim, pair.focus_dim, len(pair.class_names)]}, path)
+    save_peer(NAME, model, args, pair, path)
 
 
 def load(path: str | Path) -> tuple[LiteEval, LiteEvalArgs]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    args = LiteEvalArgs(**ckpt["args"])
-    model = LiteEval(*ckpt["dims"], args)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), args
+    return load_peer(path, LiteEval, LiteEvalArgs)
 
 
 def run(pair: FeaturePair, args: LiteEvalArgs | None = None, out: str | Path | None = None,
         log: bool = False) -> dict:
-    """Train (train split), select (val mAP), score (test) and compare with uniform sampling
-    at the same GFLOPs. Returns ``{"row", "uniform", "val", "train", "summary"}``: ``row``
-    and ``uniform`` are SPEC section 7 ``policies`` entries (test split)."""
-    args = args or LiteEvalArgs()
-    splits = {s: pair.load(s) for s in ("train", "val", "test")}
-    costs = FrameCosts.from_pair(pair)
-    model, info = train(pair, args, splits["train"], splits["val"], log=log)
-    test = evaluate(model, splits["test"], costs, args)
-    val = evaluate(model, splits["val"], costs, args)
-    uniform = matched_uniform(splits["train"], splits["test"], test.gflops_per_video, costs)
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        save(model, args, pair, Path(out) / f"{NAME}.pt")
-    return {"row": test.row(), "uniform": uniform.row(), "val": val.summary(),
-            "summary": test.summary(), "train": info, "args": asdict(args), "model": model}
+    """Train, select on val, score on test, compare with uniform sampling at the same GFLOPs
+    (:func:`agents.peers.harness.run_peer`)."""
+    return run_peer(NAME, args or LiteEvalArgs(), pair, train, evaluate, out, log)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m agents.peers.liteeval",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--glance", required=True)
-    parser.add_argument("--focus", required=True)
-    parser.add_argument("--out", default=None)
-    for name, value in asdict(LiteEvalArgs()).items():
-        kind = float if isinstance(value, float) else int
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
-    ns = vars(parser.parse_args(argv))
-    glance, focus, out = ns.pop("glance"), ns.pop("focus"), ns.pop("out")
-    result = run(FeaturePair(glance, focus), LiteEvalArgs(**ns), out, log=True)
-    result.pop("model")
-    print(json.dumps({k: result[k] for k in ("row", "uniform", "val")}, indent=1))
-    if out is not None:
-        write_text_atomic(Path(out) / f"{NAME}.json", json.dumps(result, indent=1))
+    peer_cli(NAME, LiteEvalArgs, run, __doc__, argv)
 
 
 if __name__ == "__main__":
