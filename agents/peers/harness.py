@@ -355,7 +355,32 @@ def matched_uniform(train: PairSplit, evaluate: PairSplit, gflops_per_video: flo
     return uniform_reference(train, evaluate, k, costs, name=name)
 
 
-# -- one scaffolding for every peer: checkpoint, run, command line -----------------------------
+# -- one scaffolding for every peer: evaluation, checkpoint, run, command line ------------------
+
+
+@torch.no_grad()
+def evaluate_peer(name: str, model: nn.Module, split: PairSplit, costs: FrameCosts,
+                  num_frames: int | None, batch_size: int = 256) -> PeerResult:
+    """Every video of ``split`` once at the segment centres, hard focus decisions. ``model(
+    glance, focus, mask)`` returns ``(logits [B, C], focused [B, n])`` and
+    ``model.cost_per_frame(unit)`` its own cost per glanced / focused frame and per video."""
+    model.eval()
+    frames, mask = sample_frames(split.lengths, num_frames)
+    scores, decisions = [], []
+    for lo in range(0, split.num_videos, batch_size):
+        videos = torch.arange(lo, min(lo + batch_size, split.num_videos))
+        glance, focus = gather_batch(split, videos, frames[videos])
+        logits, focused = model(glance, focus, mask[videos])
+        scores.append(torch.softmax(logits, dim=1))
+        decisions.append(focused > 0.5)
+    focus_mask = torch.cat(decisions) & mask
+    glanced = [f[m].tolist() for f, m in zip(frames, mask, strict=True)]
+    focused = [f[m].tolist() for f, m in zip(frames, focus_mask, strict=True)]
+    per = model.cost_per_frame(costs.unit)
+    head = (mask.sum(1).numpy() * per["glanced"] + focus_mask.sum(1).numpy() * per["focused"]
+            + per["video"])
+    record = SelectionRecord.from_frames(split.lengths, focused, glanced, head)
+    return score(name, torch.cat(scores).numpy(), split.labels, record, costs)
 
 
 def save_peer(name: str, model: nn.Module, args: Any, pair: FeaturePair,

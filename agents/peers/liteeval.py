@@ -48,11 +48,11 @@ from torch import nn
 from agents.peers.harness import (
     FrameCosts,
     PeerResult,
-    SelectionRecord,
     Standardize,
     anneal,
     binary_gumbel,
     count_head_gflops,
+    evaluate_peer,
     gather_batch,
     load_peer,
     lr_at,
@@ -60,7 +60,6 @@ from agents.peers.harness import (
     run_peer,
     sample_frames,
     save_peer,
-    score,
     seeded_init,
     train_steps,
 )
@@ -178,23 +177,7 @@ class LiteEval(nn.Module):
 def evaluate(model: LiteEval, split: PairSplit, costs: FrameCosts, args: LiteEvalArgs,
              batch_size: int = 256, name: str = NAME) -> PeerResult:
     """Every video of ``split`` once: centre frames of the segments, hard gates."""
-    model.eval()
-    frames, mask = sample_frames(split.lengths, args.num_frames)
-    scores, decisions = [], []
-    for lo in range(0, split.num_videos, batch_size):
-        videos = torch.arange(lo, min(lo + batch_size, split.num_videos))
-        glance, focus = gather_batch(split, videos, frames[videos])
-        logits, b = model(glance, focus, mask[videos])
-        scores.append(torch.softmax(logits, dim=1))
-        decisions.append(b > 0.5)
-    focus_mask = torch.cat(decisions) & mask
-    glanced = [f[m].tolist() for f, m in zip(frames, mask, strict=True)]
-    focused = [f[m].tolist() for f, m in zip(frames, focus_mask, strict=True)]
-    per = model.cost_per_frame(costs.unit)
-    head = (mask.sum(1).numpy() * per["glanced"] + focus_mask.sum(1).numpy() * per["focused"]
-            + per["video"])
-    record = SelectionRecord.from_frames(split.lengths, focused, glanced, head)
-    return score(name, torch.cat(scores).numpy(), split.labels, record, costs)
+    return evaluate_peer(name, model, split, costs, args.num_frames, batch_size)
 
 
 def train(pair: FeaturePair, args: LiteEvalArgs, train_split: PairSplit | None = None,
