@@ -25,8 +25,9 @@ HEALTHY_FRACTION = 0.9
 
 
 def pooled_features(source: FrameSource, num_locators: int, policy: str, seed: int = 0,
-                    batch_size: int = 512) -> np.ndarray:
-    """Mean over the selected frames of every video: float64 ``[V, D]``."""
+                    batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over the selected frames of every video, float64 ``[V, D]``, and how many frames
+    each video's mean took, int ``[V]``."""
     rng = np.random.default_rng(seed)
     frame_index, mask = select_frames(source.lengths, num_locators, policy, rng)
     pooled = np.zeros((source.num_videos, source.feature_dim))
@@ -36,7 +37,7 @@ def pooled_features(source: FrameSource, num_locators: int, policy: str, seed: i
         m = mask[lo:hi].reshape(hi - lo, -1)
         flat = frames.reshape(hi - lo, -1, source.feature_dim).numpy()
         pooled[lo:hi] = (flat * m[..., None]).sum(1) / m.sum(1, keepdims=True)
-    return pooled
+    return pooled, mask.sum(axis=(1, 2))
 
 
 def pooled_classifier(x_train: np.ndarray, labels: np.ndarray, c: float = 1.0,
@@ -71,13 +72,12 @@ def linear_probe(train: FrameSource, evaluate: dict[str, FrameSource], num_locat
     cost, one linear map per video, is negligible and not counted).
     """
     t0 = time.perf_counter()
-    predict = pooled_classifier(pooled_features(train, num_locators, policy, seed),
+    predict = pooled_classifier(pooled_features(train, num_locators, policy, seed)[0],
                                 train.labels, c=c)
     result: dict = {"policy": policy, "fit_s": time.perf_counter() - t0}
     for split, source in evaluate.items():
-        scores = predict(pooled_features(source, num_locators, policy, seed), source.num_classes)
-        _, mask = select_frames(source.lengths, num_locators, policy, np.random.default_rng(seed))
-        per_video = mask.sum(axis=(1, 2))
+        pooled, per_video = pooled_features(source, num_locators, policy, seed)
+        scores = predict(pooled, source.num_classes)
         result[split] = {
             "mAP": mean_average_precision(scores, source.labels),
             "top1": top1_accuracy(scores, source.labels),

@@ -283,7 +283,7 @@ class ThreeStageTrainer:
             history["health"] = stage1_health(same_frames["mAP"], probe["val"]["mAP"],
                                               self.train_source.num_classes,
                                               c.stage1_health_fraction)
-            history["frame_cost"] = self._frame_cost(recognizer.eval())
+            history["frame_cost"] = self._frame_cost(recognizer, same_frames)
             history["calibration_wall_s"] = time.perf_counter() - t0
             _write_json_atomic({k: v for k, v in history.items() if k != "final"}, done)
         record = json.loads(done.read_text())
@@ -303,18 +303,19 @@ class ThreeStageTrainer:
                 "--allow-unhealthy-stage1 --resume to continue anyway.")
         return StageArtifacts("I", part / STAGE1_BEST, None, record)
 
-    def _frame_cost(self, recognizer: Recognizer) -> dict:
-        """lambda: the configured value, or :func:`frame_cost_rule` on the val split."""
+    def _frame_cost(self, recognizer: Recognizer, uniform: dict) -> dict:
+        """lambda: the configured value, or :func:`frame_cost_rule` on the val split
+        (``uniform``: the Stage I recognizer's uniform-25 val evaluation, already made for the
+        self-check)."""
         c = self.config
         if c.frame_cost is not None:
             return {"value": float(c.frame_cost), "rule": "given"}
-        points = {}
-        for name in ("initial", "uniform-25"):
-            result = evaluate_selection(recognizer, self.val_source, name,
-                                        batch_size=c.rollout_batch_size, seed=c.seed)
-            points[name] = (mean_true_class_probability(result["scores"],
-                                                        self.val_source.labels),
-                            result["frames_per_video"])
+        initial = evaluate_selection(recognizer, self.val_source, "initial",
+                                     batch_size=c.rollout_batch_size, seed=c.seed)
+        labels = self.val_source.labels
+        points = {name: (mean_true_class_probability(r["scores"], labels),
+                         r["frames_per_video"])
+                  for name, r in (("initial", initial), ("uniform-25", uniform))}
         value = frame_cost_rule(points["initial"], points["uniform-25"], c.frame_cost_fraction)
         return {"value": value, "rule": f"{c.frame_cost_fraction} x val gain per frame of "
                 "uniform-25 over initial", "points": points}
