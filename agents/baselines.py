@@ -4,8 +4,9 @@
 * :class:`OpenLoopPolicy` - a fixed schedule ``a_0 .. a_{m-1}`` shared by all locators, a
   function of the step index only. :func:`search_open_loop` tries every distinct schedule
   (``{0..3}^m``; everything after a stop is irrelevant, so ``sum_k 3^k`` of them: 121 for m=4)
-  on the validation split and keeps the best by mAP (ties: fewer GFLOPs). A learned policy
-  that cannot beat the best open-loop schedule is not using its observations.
+  on the validation split and keeps the best by mAP (ties: fewer GFLOPs); :func:`best_schedule`
+  also picks the best one within a cost (a learned policy's). A learned policy that cannot beat
+  the best open-loop schedule of its cost is not using its observations.
 
 Schedules are scored in one batched recognizer pass each through the frame selections they
 imply (:func:`open_loop_selection`, the env's movement rules in numpy), which is equivalent
@@ -125,5 +126,16 @@ def search_open_loop(
                       "mAP": mean_average_precision(scores[k], labels),
                       "frames_per_video": fpv,
                       "gflops_per_video": fpv * (val.gflops_per_frame + per_frame) + per_video})
-    best = max(table, key=lambda r: (round(r["mAP"], 9), -r["gflops_per_video"]))
-    return OpenLoopPolicy(best["schedule"]), table
+    return best_schedule(table), table
+
+
+def best_schedule(table: list[dict], max_gflops: float | None = None,
+                  name: str = "open-loop") -> OpenLoopPolicy:
+    """The best schedule of a :func:`search_open_loop` table by val mAP (ties -> fewer GFLOPs),
+    among those costing at most ``max_gflops`` per video on val when given (the open-loop
+    schedule at a learned policy's cost: a policy that uses its observations should beat the
+    best blind one that spends no more). The initial-only schedule always qualifies."""
+    fits = [r for r in table if max_gflops is None or r["gflops_per_video"] <= max_gflops
+            or r["frames_per_video"] == min(t["frames_per_video"] for t in table)]
+    best = max(fits, key=lambda r: (round(r["mAP"], 9), -r["gflops_per_video"]))
+    return OpenLoopPolicy(best["schedule"], name=name)

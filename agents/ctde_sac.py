@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from agents.tianshou_env import TianshouVectorEnvAdapter
 from features.atomic import atomic_path, torch_save_atomic
+from features.validation import require_int
 
 NUM_ACTIONS = 4
 CREDIT_INFO_KEY = "locator_credit"
@@ -492,6 +493,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_states() -> dict[str, Any]:
+    """Python's, numpy's global (Tianshou's buffer sampling) and torch's (action sampling,
+    dropout) generator states, for a checkpoint."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Undo :func:`rng_states`."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
 @dataclass
 class TrainResult:
     """What ``train_sac`` returns."""
@@ -504,6 +519,24 @@ class TrainResult:
     info: Any  # Tianshou's InfoStats
     best_checkpoint: Path | None = None  # with score_fn: the best-scoring learner (returned)
     best_score: float | None = None
+
+
+def epoch_plan(env_steps: int, collect_env_steps: int, epoch_env_steps: int) -> tuple[int, int]:
+    """``(epochs, env steps per epoch)`` that train exactly ``env_steps``, rounded up to whole
+    collections (Tianshou collects ``collect_env_steps`` at a time), in epochs of at most
+    ``epoch_env_steps`` (rounded up to one collection).
+
+    Tianshou runs ``max_epochs x epoch_num_steps``; a plain ``ceil`` of epochs overshoots
+    (10,000 steps in epochs of 4,096 would train 12,288). Here the epochs split the budget
+    evenly: 10,000 at 256 per collection -> 40 collections -> 4 epochs of 2,560.
+    """
+    require_int(env_steps, "env_steps", minimum=1)
+    collections = math.ceil(env_steps / collect_env_steps)
+    per_epoch_max = max(1, epoch_env_steps // collect_env_steps)
+    epochs = math.ceil(collections / per_epoch_max)
+    while collections % epochs:  # the fewest epochs that split the collections evenly
+        epochs += 1
+    return epochs, collections // epochs * collect_env_steps
 
 
 EnvFactory = Callable[[int, int], VectorEnv]
@@ -584,6 +617,8 @@ def train_sac(
         start_update_step = int(extra.get("gradient_step", 0))  # Tianshou's update step
         best_score = float(extra.get("best_score", -math.inf))
         scored_at = start_env_step
+        if "rng" in extra:
+            restore_rng_states(extra["rng"])
         if buffer_file is not None and buffer_file.is_file():
             collector.buffer = VectorReplayBuffer.load_hdf5(str(buffer_file))
     grads_per_update = round(config.updates_per_env_step * config.collect_env_steps)
@@ -619,18 +654,22 @@ def train_sac(
             if epoch_callback is not None and env_step != called_at:
                 called_at = env_step
                 epoch_callback(algorithm, env_step, logger.writer)
-            save_checkpoint(algorithm, checkpoint, epoch=epoch, env_step=env_step,
-                            gradient_step=gradient_step, config=asdict(config),
-                            best_score=best_score)
+            # the buffer first, the checkpoint (weights, counters, RNG states) last: a kill
+            # between the two leaves the previous checkpoint, which a newer buffer only
+            # extends (resume then replays from a state at least as complete)
             with atomic_path(buffer_file) as partial:
                 collector.buffer.save_hdf5(str(partial))
+            save_checkpoint(algorithm, checkpoint, epoch=epoch, env_step=env_step,
+                            gradient_step=gradient_step, config=asdict(config),
+                            best_score=best_score, rng=rng_states())
             return str(checkpoint)
 
+    epochs, per_epoch = epoch_plan(env_steps, config.collect_env_steps, config.epoch_env_steps)
     params = OffPolicyTrainerParams(
         training_collector=collector,
         test_collector=None,
-        max_epochs=max(1, math.ceil(env_steps / config.epoch_env_steps)),
-        epoch_num_steps=config.epoch_env_steps,
+        max_epochs=epochs,
+        epoch_num_steps=per_epoch,
         collection_step_num_env_steps=config.collect_env_steps,
         update_step_num_gradient_steps_per_sample=config.updates_per_env_step,
         batch_size=config.batch_size,

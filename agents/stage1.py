@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,11 @@ from vimo_env.recognizer import Recognizer, RecognizerConfig
 
 LAST = "stage1_last.pt"
 BEST = "stage1_best.pt"
+SELECTED = "stage1_selected.pt"  # the recognizer Stage I hands on (best of the candidates)
+# the light recognizer of the paper's own ablations (F_T and F_M mean pools: a linear model of
+# the pooled frames), tried beside the paper's LSTM + transformer and kept when it is better
+# on val: on small train splits the deep model over-fits (docs/experiments.md)
+LIGHT_RECOGNIZER = {"temporal": "meanpool", "integration": "meanpool", "pooled_linear": False}
 # config fields that may differ between an interrupted run and its resumption
 _RESUMABLE_CHANGES = {"device", "out_dir"}
 
@@ -71,12 +76,19 @@ class Stage1Config:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     normalize_inputs: bool = True
+    # weight of a second cross-entropy on the recognizer's pooled linear path alone, so that
+    # path learns what a linear probe learns even when the deep path fits the train split
+    pooled_loss_weight: float = 1.0
+    pooled_lr_scale: float = 10.0  # the linear path's learning rate, relative to ``lr``
     rate_mix: float = 0.0  # share of batches at a random 5-100% sampling rate (0: the paper)
     evaluations: int = 10
     seed: int = 0
     num_locators: int = 3
     policy: str = "random-25"  # training frame selection (the paper's Stage I sampling)
     recognizer: dict = field(default_factory=dict)
+    # other recognizer options trained with the same budget; the best on val (mAP of the
+    # training selection) is handed on. () trains ``recognizer`` only.
+    alternatives: tuple[dict, ...] = (LIGHT_RECOGNIZER,)
     device: str = "auto"
     out_dir: str | None = "runs/stage1"
     eval_batch_size: int = 256
@@ -102,10 +114,13 @@ class Stage1Config:
                              "[0, 1)")
         known = {f.name for f in fields(RecognizerConfig)} - {"feature_dim", "num_classes",
                                                                "num_locators"}
-        unknown = set(self.recognizer) - known
-        if unknown:
-            raise ValueError(f"Stage1Config.recognizer: unknown options {sorted(unknown)}; "
-                             f"expected some of {sorted(known)}")
+        self.alternatives = tuple(dict(a) for a in self.alternatives)
+        for name, options in [("recognizer", self.recognizer)] + [
+                (f"alternatives[{k}]", a) for k, a in enumerate(self.alternatives)]:
+            unknown = set(options) - known
+            if unknown:
+                raise ValueError(f"Stage1Config.{name}: unknown options {sorted(unknown)}; "
+                                 f"expected some of {sorted(known)}")
 
     def budget(self, num_train_videos: int) -> int:
         """Gradient steps for a train split of this many videos."""
@@ -162,7 +177,43 @@ def train_stage1(
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[Recognizer, dict]:
-    """Train a recognizer with Stage I on the ``train`` split of a ``vimo-features`` file.
+    """Stage I for ``config.recognizer`` and each of ``config.alternatives``; the best by
+    validation mAP is returned (and saved as ``stage1_selected.pt`` with ``out_dir``).
+
+    The first candidate trains in ``out_dir`` itself, alternative ``k`` in
+    ``out_dir/alternative<k>``; each resumes on its own. The history is the chosen
+    candidate's (:func:`train_one_recognizer`) plus ``"candidates"``: ``[{"recognizer",
+    "best_val_mAP", "wall_s"}]`` and ``"chosen"``: its index. Ties go to the earlier candidate.
+    """
+    config = config or Stage1Config()
+    out_dir = Path(config.out_dir) if config.out_dir is not None else None
+    candidates = [config.recognizer, *config.alternatives]
+    best: tuple[Recognizer, dict] | None = None
+    summary = []
+    for k, options in enumerate(candidates):
+        sub = str(out_dir / f"alternative{k}") if out_dir is not None and k else config.out_dir
+        one = replace(config, recognizer=dict(options), alternatives=(), out_dir=sub)
+        t0 = time.perf_counter()
+        model, history = train_one_recognizer(features_path, one, resume=resume,
+                                              progress=progress)
+        summary.append({"recognizer": dict(options), "best_val_mAP": history["best_val_mAP"],
+                        "wall_s": time.perf_counter() - t0})
+        if best is None or history["best_val_mAP"] > best[1]["best_val_mAP"]:
+            best = (model, {**history, "chosen": k})
+    model, history = best
+    history["candidates"] = summary
+    if out_dir is not None:
+        model.save(out_dir / SELECTED)
+    return model, history
+
+
+def train_one_recognizer(
+    features_path: str | os.PathLike,
+    config: Stage1Config,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[Recognizer, dict]:
+    """Train one recognizer (``config.recognizer``) with Stage I on the ``train`` split.
 
     Returns the best recognizer (by validation mAP) and the history::
 
@@ -176,7 +227,6 @@ def train_stage1(
     written atomically at every evaluation and ``stage1_best.pt`` (``Recognizer.save``) whenever
     validation mAP improves. ``resume=True`` continues from ``stage1_last.pt``.
     """
-    config = config or Stage1Config()
     device = resolve_device(config.device)
     train = CachedFrameSource(features_path, split="train", device=device)
     val = CachedFrameSource(features_path, split="val", device=device)
@@ -191,12 +241,17 @@ def train_stage1(
                      "backbone": getattr(train.store, "backbone", None)}
     if config.normalize_inputs:
         model.set_input_normalization(*frame_statistics(train))
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():  # no weight decay on biases and norms
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
-                                  fused=device.type in ("cpu", "cuda"))
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in model.named_parameters():
+        # no weight decay on biases and norms; the pooled linear path at its own rate (a
+        # linear model converges at a higher rate than the 8-layer transformer tolerates)
+        decay = 0.0 if param.ndim < 2 or "norm" in name else config.weight_decay
+        scale = config.pooled_lr_scale if name.startswith("pooled.") else 1.0
+        groups.setdefault((decay, scale), []).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "weight_decay": decay, "lr_scale": scale}
+         for (decay, scale), params in groups.items()],
+        lr=config.lr, fused=device.type in ("cpu", "cuda"))
     V = train.num_videos
     total_steps = config.budget(V)
     rng = np.random.default_rng(config.seed)
@@ -230,7 +285,9 @@ def train_stage1(
 
     labels = torch.as_tensor(train.labels, device=device)
     every = max(1, math.ceil(total_steps / config.evaluations))
-    bar = tqdm(total=total_steps, initial=start_step, desc="stage I", unit="step",
+    name = "+".join(f"{config.recognizer.get(k, 'lstm' if k == 'temporal' else 'transformer')}"
+                    for k in ("temporal", "integration"))
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"stage I ({name})", unit="step",
                disable=not progress, mininterval=1.0)
     sum_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
     model.train()
@@ -241,12 +298,16 @@ def train_stage1(
         cursor += len(batch)
         frame_index, mask = _training_selection(train.lengths[batch], config, rng)
         frames = gather_padded(train, batch, frame_index)
-        logits = model(frames, torch.as_tensor(mask, device=device))
+        state = model.fold(frames, torch.as_tensor(mask, device=device))
+        logits = model.logits(state)
         target = labels[torch.as_tensor(batch, device=device)]
         loss = F.cross_entropy(logits, target)
+        if rec_config.pooled_linear and config.pooled_loss_weight > 0:
+            loss = loss + config.pooled_loss_weight * F.cross_entropy(
+                model.pooled_logits(state), target)
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * learning_rate_factor(step, total_steps,
-                                                           config.warmup_fraction)
+            group["lr"] = group["lr_scale"] * config.lr * learning_rate_factor(
+                step, total_steps, config.warmup_fraction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:

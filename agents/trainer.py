@@ -47,7 +47,8 @@ from agents.metrics import mean_true_class_probability
 from agents.policies import CTDEActorPolicy
 from agents.probe import linear_probe, stage1_health
 from agents.selection import evaluate_selection, gather_padded
-from agents.stage1 import BEST as STAGE1_BEST
+from agents.stage1 import LIGHT_RECOGNIZER
+from agents.stage1 import SELECTED as STAGE1_SELECTED
 from agents.stage1 import Stage1Config, train_stage1
 from features.atomic import torch_save_atomic, write_text_atomic
 from features.source import CachedFrameSource, FrameSource
@@ -79,6 +80,10 @@ class TrainerConfig:
     stage1_steps: int | None = None
     stage1_lr: float = 3e-4
     stage1_batch_size: int = 32
+    # recognizers trained beside ``recognizer`` in Stage I; the best on val is kept (default:
+    # the paper's light mean-pool variant; [] = ``recognizer`` only)
+    stage1_alternatives: list[dict] = field(
+        default_factory=lambda: [dict(LIGHT_RECOGNIZER)])
     # the self-check after Stage I: Stage I's val mAP must reach this fraction of the linear
     # probe's; below it the run stops before SAC unless allow_unhealthy_stage1
     stage1_health_fraction: float = 0.9
@@ -261,7 +266,8 @@ class ThreeStageTrainer:
             t0 = time.perf_counter()
             cfg = Stage1Config(steps=c.stage1_steps, batch_size=c.stage1_batch_size,
                                lr=c.stage1_lr, seed=c.seed, num_locators=c.num_locators,
-                               recognizer=dict(c.recognizer), device=c.device,
+                               recognizer=dict(c.recognizer),
+                               alternatives=tuple(c.stage1_alternatives), device=c.device,
                                out_dir=str(part), final_split="val")
             recognizer, history = train_stage1(self.path, cfg, resume=resume,
                                                progress=self.progress)
@@ -301,7 +307,7 @@ class ThreeStageTrainer:
                 f"{100 * c.stage1_health_fraction:.0f}%; chance {health['chance_mAP']:.1f}). "
                 f"{health['diagnosis']} Stopping before Stage II; rerun with "
                 "--allow-unhealthy-stage1 --resume to continue anyway.")
-        return StageArtifacts("I", part / STAGE1_BEST, None, record)
+        return StageArtifacts("I", part / STAGE1_SELECTED, None, record)
 
     def _frame_cost(self, recognizer: Recognizer, uniform: dict) -> dict:
         """lambda: the configured value, or :func:`frame_cost_rule` on the val split

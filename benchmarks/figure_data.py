@@ -39,7 +39,7 @@ VERSION = 1
 #: Strategies drawn first, in this order (ViMo Figure 4: random, uniform, adaptive).
 DEFAULT_STRATEGIES = ("random-25", "uniform-25", "adaptive")
 #: Policies never drawn by default: one frame per locator, or one fixed schedule for all.
-SKIPPED_STRATEGIES = frozenset({"initial", "open-loop", "all"})
+SKIPPED_STRATEGIES = frozenset({"initial", "open-loop", "open-loop@adaptive", "all"})
 
 
 def choose_videos(source: FrameSource, count: int = 4,

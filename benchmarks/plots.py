@@ -65,6 +65,7 @@ _STYLE: dict[str, tuple[str, str, float]] = {
     "random-25": ("^", "#fdae6b", 60),
     "initial": ("v", "#7f7f7f", 60),
     "open-loop": ("P", "#2ca02c", 70),
+    "open-loop@adaptive": ("P", "#98df8a", 70),
     "probe": ("h", "#9467bd", 60),
     "liteeval": ("d", "#8c564b", 60),
     "nsnet": ("p", "#e377c2", 65),

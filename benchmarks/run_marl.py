@@ -75,7 +75,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.baselines import InitialPolicy, search_open_loop  # noqa: E402
+from agents.baselines import InitialPolicy, best_schedule, search_open_loop  # noqa: E402
 from agents.ctde_sac import SACConfig  # noqa: E402
 from agents.evaluate import (  # noqa: E402
     SELECTION_BASELINES,
@@ -232,6 +232,8 @@ def trainer_config(args: argparse.Namespace, budget: str) -> TrainerConfig:
         recognizer["temporal"] = args.temporal
     if args.integration:
         recognizer["integration"] = args.integration
+    if args.temporal or args.integration:  # an architecture asked for is the one trained
+        values["stage1_alternatives"] = []
     overrides = {"stage1_steps": args.stage1_steps, "stage2_env_steps": args.stage2_steps,
                  "stage3_rounds": args.stage3_rounds, "finetune_epochs": args.finetune_epochs,
                  "stage3_env_steps": args.stage3_steps, "frame_cost": args.frame_cost,
@@ -291,6 +293,16 @@ def evaluate_run(path: Path, trainer: ThreeStageTrainer, stages: list, config: T
     res = evaluate_policy(open_loop, test, final_rec, **kw)
     res.extra["schedule"] = open_loop.schedule
     rows.append(res)
+    if final_actor is not None:
+        # the best blind schedule that costs no more than the learned policy (both on val)
+        adaptive_val = evaluate_policy(CTDEActorPolicy(final_actor, name="adaptive"), val,
+                                       final_rec, **kw)
+        matched = best_schedule(table, adaptive_val.gflops_per_video,
+                                name="open-loop@adaptive")
+        res = evaluate_policy(matched, test, final_rec, **kw)
+        res.extra["schedule"] = matched.schedule
+        rows.append(res)
+        extra["open_loop_matched_schedule"] = matched.schedule
     if len(stages) > 2:
         stage_rows.append({"stage": "III", **_stage(rows[0])})
     if final_rec is not rec1:
@@ -376,6 +388,8 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
                               "probe_val_mAP": stage1["probe"]["val"]["mAP"]}
     extra["frame_cost"] = stage1["frame_cost"]
     extra["stage1_steps"] = stage1["steps"]
+    extra["stage1_candidates"] = [{**c, "chosen": k == stage1.get("chosen", 0)}
+                                  for k, c in enumerate(stage1.get("candidates", []))]
     trajectories = collect_trajectories(  # figure data: a few test videos, every strategy
         source_for(path, "test", config.device), rows, num_locators=config.num_locators,
         max_moves=config.max_moves, stride=config.stride, seed=config.seed, dataset=path,
@@ -423,6 +437,12 @@ def _run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, res
     return comparison.comparison_table(peers, result["rows"])
 
 
+def _arch(options: dict) -> str:
+    """'lstm+transformer' style name of a recognizer's F_T and F_M."""
+    return (f"{options.get('temporal', 'lstm')}+"
+            f"{options.get('integration', 'transformer')}")
+
+
 def print_tables(command: str, result: dict, dataset: str, unit: str, wall: float,
                  machine: dict) -> str:
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in machine["phases"].items())
@@ -431,10 +451,10 @@ def print_tables(command: str, result: dict, dataset: str, unit: str, wall: floa
              f"{machine['matmul_gflops']:.0f} GFLOP/s fp32 matmul with {machine['threads']} "
              f"threads, peak RSS {machine['peak_rss_gb']:.1f} GB", "",
              "Table 2 - localizing strategy (test split, final recognizer)",
-             f"{'strategy':<12} {'frame rate %':>12} {'frames/video':>12} {'mAP %':>8} "
+             f"{'strategy':<18} {'frame rate %':>12} {'frames/video':>12} {'mAP %':>8} "
              f"{'top1 %':>8} {'GFLOPs':>9}"]
     for r in result["rows"]:
-        lines.append(f"{r.name:<12} {r.frame_rate:>12.1f} {r.frames_per_video:>12.1f} "
+        lines.append(f"{r.name:<18} {r.frame_rate:>12.1f} {r.frames_per_video:>12.1f} "
                      f"{r.mAP:>8.1f} {r.top1:>8.1f} {r.gflops_per_video:>9.1f}")
     health = result["extra"]["stage1_health"]
     lam = result["extra"]["frame_cost"]
@@ -443,8 +463,14 @@ def print_tables(command: str, result: dict, dataset: str, unit: str, wall: floa
               f"{health['stage1_val_mAP']:.1f}"
               f" vs probe {health['probe_val_mAP']:.1f} mAP = {100 * health['ratio']:.0f}% "
               f"({'healthy' if health['healthy'] else 'UNHEALTHY: ' + health['diagnosis']})",
+              "Stage I recognizers (best val mAP on random-25): " + ", ".join(
+                  f"{_arch(c['recognizer'])} {c['best_val_mAP']:.1f}"
+                  + (" (kept)" if c["chosen"] else "")
+                  for c in result["extra"].get("stage1_candidates", [])),
               f"lambda = {lam['value']:.5f} ({lam['rule']})",
-              f"open-loop schedule (best on val): {result['extra']['open_loop_schedule']}",
+              f"open-loop schedule (best on val): {result['extra']['open_loop_schedule']}; "
+              f"within the adaptive policy's val cost (open-loop@adaptive): "
+              f"{result['extra'].get('open_loop_matched_schedule')}",
               "", "Table 5 - after each training stage (test split)",
               f"{'stage':<6} {'policy':<10} {'frame rate %':>12} {'mAP %':>8} {'GFLOPs':>9} "
               f"{'improves':>9}"]
@@ -460,7 +486,7 @@ def print_tables(command: str, result: dict, dataset: str, unit: str, wall: floa
     if stage1:
         lines += ["", "Selection baselines with the Stage I recognizer (trained on random "
                   "samples; Table 2 above uses the final one)",
-                  f"{'strategy':<12} {'frame rate %':>12} {'mAP %':>8} {'GFLOPs':>9}"]
+                  f"{'strategy':<18} {'frame rate %':>12} {'mAP %':>8} {'GFLOPs':>9}"]
         for name, r in stage1.items():
             lines.append(f"{name:<12} {r['frame_rate']:>12.1f} {r['mAP']:>8.1f} "
                          f"{r['gflops_per_video']:>9.1f}")

@@ -202,6 +202,7 @@ def test_quick_robustness_matrix(tmp_path):
         assert r["stage1"] > 2 * 100 / r["C"], r  # far above chance (mAP ~ 1/C)
         assert r["probe"] > 50 and set(r["checks"]) == {
             "stage1_vs_probe", "adaptive_above_open_loop_and_initial",
+            "adaptive_above_open_loop_at_its_cost",
             "adaptive_at_most_15pct", "all_within_1_of_uniform25"}
     saved = json.loads((tmp_path / "out" / "robustness.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["matmul_gflops"] > 0
@@ -220,3 +221,29 @@ def test_synthetic_variants_change_what_they_say():
     assert not np.allclose(distract.video(3)[0], x_base)
     with pytest.raises(ValueError, match="feature_scale"):
         dataclasses.replace(base, feature_scale=0.0)
+
+
+@pytest.mark.parametrize("temporal", ["lstm", "meanpool"])
+def test_pooled_linear_path_is_the_mean_of_every_observed_frame(temporal):
+    """The recognizer's pooled linear path: W x averaged over all frames the team observed
+    (normalized), the same whether folded at once (Stage I) or step by step (the env)."""
+    from vimo_env.recognizer import Recognizer, RecognizerConfig
+
+    torch.manual_seed(0)
+    rec = Recognizer(RecognizerConfig(feature_dim=8, num_classes=5, temporal=temporal,
+                                      hidden_dim=16, transformer_dim=16,
+                                      transformer_layers=1, transformer_ff_dim=32)).eval()
+    mean, std = torch.randn(8), torch.rand(8) + 0.5
+    rec.set_input_normalization(mean, std)
+    frames = torch.randn(2, 3, 6, 8)
+    mask = torch.rand(2, 3, 6) > 0.4
+    mask[:, :, 0] = True
+    folded = rec.fold(frames, mask)
+    state = rec.initial_state(2)
+    for t in range(6):
+        state = rec.observe(state, frames[:, :, t], mask[:, :, t])
+    torch.testing.assert_close(rec.logits(folded), rec.logits(state))
+    x = (frames - mean) / std
+    pooled_mean = (x * mask[..., None]).sum((1, 2)) / mask.sum((1, 2))[:, None]
+    torch.testing.assert_close(rec.pooled_logits(state), rec.pooled(pooled_mean))
+    assert rec.frame_count(state).tolist() == mask.sum(-1).float().tolist()

@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_POLICY_KEYS = {"name", "mAP", "top1", "frame_rate", "frames_per_video", "gflops_per_video"}
 POLICIES = {"adaptive", "all", "uniform-25", "uniform-50", "random-25", "random-50", "initial",
-            "open-loop", "probe"}
+            "open-loop", "open-loop@adaptive", "probe"}
 PEERS = {"liteeval", "afnet"}  # the seed peers run after ViMo (benchmarks.comparison)
 PEER_KEYS = SPEC_POLICY_KEYS | {"frames_glanced", "frames_focused"}
 

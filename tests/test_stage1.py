@@ -10,7 +10,7 @@ import torch
 
 from agents.metrics import mean_average_precision, mean_true_class_probability, top1_accuracy
 from agents.selection import evaluate_selection, expected_count, segment_bounds, select_frames
-from agents.stage1 import BEST, LAST, Stage1Config, train_stage1
+from agents.stage1 import BEST, LAST, LIGHT_RECOGNIZER, SELECTED, Stage1Config, train_stage1
 from vimo_env.recognizer import Recognizer
 
 SMALL_NET = {"hidden_dim": 32, "transformer_dim": 32, "transformer_layers": 1,
@@ -118,10 +118,27 @@ def test_stage1_learns_tiny(tiny_dataset, tmp_path):
     assert final["random-25"]["mAP"] > chance_map
     assert final["all"]["frame_rate"] == pytest.approx(100.0)
     assert (tmp_path / BEST).exists() and (tmp_path / LAST).exists()
-    best = Recognizer.load(tmp_path / BEST)
-    again = evaluate_selection(best, tiny_dataset, "all", split="test", device="cpu")
+    # the paper's recognizer and the light alternative both trained; the val-best one kept
+    candidates = history["candidates"]
+    assert [c["recognizer"] for c in candidates] == [SMALL_NET, LIGHT_RECOGNIZER]
+    assert (tmp_path / "alternative1" / BEST).exists()
+    scores = [c["best_val_mAP"] for c in candidates]
+    assert history["chosen"] == scores.index(max(scores))
+    assert history["best_val_mAP"] == max(scores)
+    selected = Recognizer.load(tmp_path / SELECTED)
+    assert selected.config.temporal == candidates[history["chosen"]]["recognizer"].get(
+        "temporal", "lstm")
+    again = evaluate_selection(selected, tiny_dataset, "all", split="test", device="cpu")
     assert again["mAP"] == pytest.approx(final["all"]["mAP"])
     assert history["best_val_mAP"] == max(e["val_mAP"] for e in history["evaluations"])
+
+
+def test_stage1_without_alternatives_trains_one_recognizer(tiny_dataset, tmp_path):
+    model, history = train_stage1(tiny_dataset, _config(tmp_path, 10, alternatives=()),
+                                  progress=False)
+    assert len(history["candidates"]) == 1 and history["chosen"] == 0
+    assert not (tmp_path / "alternative1").exists()
+    assert model.config.temporal == "lstm" and model.config.pooled_linear
 
 
 def test_stage1_resume_equals_uninterrupted(tiny_dataset, tmp_path):

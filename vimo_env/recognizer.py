@@ -63,6 +63,10 @@ class RecognizerConfig:
     # dropout on the normalized input features, training only (a regularizer for small train
     # splits; 0 = off, the default)
     input_dropout: float = 0.0
+    # a linear classifier on the mean of all observed (normalized) frames, added to F_M's
+    # logits: the pooled linear probe as a residual path, which a small train split cannot
+    # over-fit the way the deep path does (docs/experiments.md)
+    pooled_linear: bool = True
 
     def __post_init__(self) -> None:
         if self.temporal not in TEMPORAL_VARIANTS:
@@ -156,6 +160,11 @@ class Recognizer(nn.Module):
         else:
             self.project = _StackedLinear(units, c.feature_dim, H)
             self.state_dim = H + 1  # pooled value, frame count
+        if c.pooled_linear:
+            # shared by the locators; its state is the running sum of W x per locator (C
+            # numbers), so the team's mean over all observed frames is exact and incremental
+            self.pooled = nn.Linear(c.feature_dim, c.num_classes)
+            self.state_dim += c.num_classes
         N = c.num_locators
         if c.integration == "transformer":
             d = c.transformer_dim
@@ -252,6 +261,8 @@ class Recognizer(nn.Module):
         H = c.hidden_dim
         frames = F.dropout((frames - self.input_mean) / self.input_std, c.input_dropout,
                            self.training)
+        if c.pooled_linear:
+            state, linear_sum = state[..., :-c.num_classes], state[..., -c.num_classes:]
         if c.temporal == "lstm":
             h, cell, total, count = state.split([H, H, H, 1], dim=-1)
             gates = self.cell(torch.cat([frames, h], dim=-1))
@@ -267,6 +278,9 @@ class Recognizer(nn.Module):
             else:  # meanpool and sumpool keep a running sum
                 pooled_new = pooled + x
             new = torch.cat([pooled_new, count + 1], dim=-1)
+        if c.pooled_linear:
+            state = torch.cat([state, linear_sum], dim=-1)
+            new = torch.cat([new, linear_sum + F.linear(frames, self.pooled.weight)], dim=-1)
         if mask is None:
             return new
         return torch.where(mask.unsqueeze(-1), new, state)
@@ -278,8 +292,8 @@ class Recognizer(nn.Module):
         if c.temporal == "lstm":
             if c.lstm_readout == "last":
                 return state[..., :H]
-            return state[..., 2 * H: 3 * H] / state[..., 3 * H:].clamp(min=1)
-        pooled, count = state[..., :H], state[..., H:]
+            return state[..., 2 * H: 3 * H] / state[..., 3 * H: 3 * H + 1].clamp(min=1)
+        pooled, count = state[..., :H], state[..., H: H + 1]
         if c.temporal == "meanpool":
             return pooled / count.clamp(min=1)
         return pooled  # maxpool: 0 until seen (initial state); sumpool: running sum
@@ -302,8 +316,25 @@ class Recognizer(nn.Module):
         return self.classifier(pooled)
 
     def logits(self, state: torch.Tensor) -> torch.Tensor:
-        """Class logits ``[B, C]`` from all locators' current embeddings."""
-        return self.logits_from_embeddings(self.embeddings(state))
+        """Class logits ``[B, C]`` from all locators' current embeddings (plus the pooled
+        linear path: its weights applied to the mean of every frame the team observed)."""
+        logits = self.logits_from_embeddings(self.embeddings(state))
+        if self.config.pooled_linear:
+            logits = logits + self.pooled_logits(state)
+        return logits
+
+    def pooled_logits(self, state: torch.Tensor) -> torch.Tensor:
+        """The pooled linear path alone, ``[B, C]`` (``pooled_linear=True`` only)."""
+        c = self.config
+        count = self.frame_count(state).sum(dim=1)  # [B]
+        total = state[..., -c.num_classes:].sum(dim=1)  # [B, C]
+        return total / count.clamp(min=1).unsqueeze(-1) + self.pooled.bias
+
+    def frame_count(self, state: torch.Tensor) -> torch.Tensor:
+        """Frames each locator has observed, ``[B, N]``."""
+        H = self.config.hidden_dim
+        index = 3 * H if self.config.temporal == "lstm" else H
+        return state[..., index]
 
     def probs(self, state: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[B, C]``."""
@@ -311,6 +342,13 @@ class Recognizer(nn.Module):
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits for padded frame sequences (Stage I and frame-selection baselines).
+
+        Same as ``logits(fold(frames, mask))``.
+        """
+        return self.logits(self.fold(frames, mask))
+
+    def fold(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The state ``[B, N, S]`` after observing padded frame sequences.
 
         Args:
             frames: ``[B, N, L, D]`` the frames each locator observes, in temporal order.
@@ -325,7 +363,7 @@ class Recognizer(nn.Module):
         if c.temporal != "lstm":
             for step in range(frames.shape[2]):
                 state = self.observe(state, frames[:, :, step], mask[:, :, step])
-            return self.logits(state)
+            return state
         B, N, L, D = frames.shape
         H = c.hidden_dim
         x = F.dropout((frames - self.input_mean) / self.input_std, c.input_dropout,
@@ -339,7 +377,7 @@ class Recognizer(nn.Module):
             gates_x = torch.baddbmm(bias.unsqueeze(1), flat, weight[:, :D])
             gates_x = gates_x.view(N, B, L, 4 * H).transpose(0, 1)
             recurrent = weight[:, D:]
-        h, cell, total, count = state.split([H, H, H, 1], dim=-1)
+        h, cell, total, count = state[..., :3 * H + 1].split([H, H, H, 1], dim=-1)
         for step in range(L):
             gates = gates_x[:, :, step] + torch.bmm(h.transpose(0, 1), recurrent).transpose(0, 1)
             i, f, g, o = gates.chunk(4, dim=-1)
@@ -348,7 +386,11 @@ class Recognizer(nn.Module):
             keep = mask[:, :, step].unsqueeze(-1)
             h, cell = torch.where(keep, h_new, h), torch.where(keep, cell_new, cell)
             total, count = total + keep * h_new, count + keep
-        return self.logits(torch.cat([h, cell, total, count], dim=-1))
+        parts = [h, cell, total, count]
+        if c.pooled_linear:  # masked sum of W x over each locator's frames: [B, N, C]
+            parts.append(torch.einsum("bnl,bnlc->bnc", mask.to(x.dtype),
+                                      F.linear(x, self.pooled.weight)))
+        return torch.cat(parts, dim=-1)
 
     # ---------------------------------------------------------------- cost
     def flops(self) -> dict[str, float | str]:
