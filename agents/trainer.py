@@ -47,9 +47,8 @@ from agents.metrics import mean_true_class_probability
 from agents.policies import CTDEActorPolicy
 from agents.probe import linear_probe, stage1_health
 from agents.selection import evaluate_selection, gather_padded
-from agents.stage1 import LIGHT_RECOGNIZER
+from agents.stage1 import LIGHT_RECOGNIZER, Stage1Config, train_stage1
 from agents.stage1 import SELECTED as STAGE1_SELECTED
-from agents.stage1 import Stage1Config, train_stage1
 from features.atomic import torch_save_atomic, write_text_atomic
 from features.source import CachedFrameSource, FrameSource
 from vimo_env.gym_env import VideoLocatorsVectorEnv

@@ -3,19 +3,20 @@
     python benchmarks/robustness.py [--out results/robustness] [--data-dir data]
                                     [--only NAME[,NAME]] [--jobs 2] [--threads 1] [--quick]
 
-Builds held-out variants of our own generators that differ in feature dimension (64-2048),
-scale (x0.01 to x100), sign (signed / non-negative, CNN-like), class count (10-200), train size
-(300-5,000 videos; the small ones keep 150-280 val and test videos each, so a split's mAP
-is not decided by a handful of videos), video length (30-600 frames), unit length and sparsity, with and without
-distractors and build-ups; PhotoUnits variants re-use the cached shot bank of real photos seen
-through EfficientNet-Lite0 (no new backbone pass). Then runs ``benchmarks/run_marl.py`` with
-its defaults on each (a subprocess per dataset, ``--jobs`` at a time) and prints one table:
-Stage I (random-25, Stage I recognizer) against the linear probe (uniform-25), the adaptive
-policy, open-loop, uniform-25/50, all frames and initial (final recognizer), frames per video,
-wall time, and the checks of issue 12 (Stage I >= 0.9 x probe; adaptive strictly above
-open-loop and initial; all frames at most 1 mAP below uniform-25). ``--quick`` runs two tiny
-variants with the tiny budget (what the test suite runs). The table and every run's
-``results.json`` go under ``--out``; a dataset whose run already finished is not re-run.
+Builds held-out variants of our own generators that differ in feature dimension (64-2048), scale
+(x0.01 to x100), sign (signed / non-negative, CNN-like), class count (10-200), train size
+(300-5,000 videos; the small ones keep 150-280 val and test videos each, so a split's mAP is not
+decided by a handful of videos), video length (30-600 frames), unit length and sparsity, with
+and without distractors and build-ups; PhotoUnits variants re-use the cached shot bank of real
+photos seen through EfficientNet-Lite0 (no new backbone pass). Then runs
+``benchmarks/run_marl.py`` with its defaults on each (a subprocess per dataset, ``--jobs`` at a
+time) and prints one table: Stage I (random-25, Stage I recognizer) against the linear probe
+(uniform-25), the adaptive policy, open-loop, uniform-25/50, all frames and initial (final
+recognizer), frames per video, wall time, and the checks of issue 12 (Stage I >= 0.9 x probe;
+adaptive strictly above open-loop and initial; all frames at most 1 mAP below uniform-25).
+``--quick`` runs two tiny variants with the tiny budget (what the test suite runs). The table
+and every run's ``results.json`` go under ``--out``; a dataset whose run already finished is not
+re-run.
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ def row(variant: Variant, path: Path, result: dict) -> dict:
 
 def print_table(rows: list[dict], matmul: float, total_s: float, threads: int) -> str:
     head = (f"{'dataset':<22}{'D':>5}{'C':>5}{'train':>6}{'T':>9}{'I r25':>7}{'probe':>7}"
-            f"{'ratio':>6}{'adapt':>7}{'fr %':>6}{'open':>7}{'open@':>7}{'u25':>7}{'u50':>7}{'all':>7}"
-            f"{'init':>7}{'wall s':>8}  checks")
+            f"{'ratio':>6}{'adapt':>7}{'fr %':>6}{'open':>7}{'open@':>7}{'u25':>7}{'u50':>7}"
+            f"{'all':>7}{'init':>7}{'wall s':>8}  checks")
     lines = [head]
     for r in rows:
         start = f"{r['dataset']:<22}{r['D']:>5}{r['C']:>5}{r['train']:>6}{r['T']:>9}"
@@ -216,8 +217,8 @@ def print_table(rows: list[dict], matmul: float, total_s: float, threads: int) -
     lines.append(f"total wall time {total_s:.0f} s; this machine: {matmul:.0f} GFLOP/s fp32 "
                  f"matmul ({threads} thread(s) per run)")
     lines.append("I r25 = Stage I recognizer on random-25 frames; probe = logistic regression on "
-                 "mean-pooled uniform-25 frames; open@ = best open-loop schedule within the adaptive "
-                 "policy's val cost; adapt / open / u25 / u50 / all / init = final "
+                 "mean-pooled uniform-25 frames; open@ = best open-loop schedule within the "
+                 "adaptive policy's val cost; adapt / open / u25 / u50 / all / init = final "
                  "recognizer; fr % = adaptive frame rate; test split, mAP %")
     text = "\n".join(lines)
     print(text)
