@@ -568,7 +568,8 @@ def train_sac(
     """Train CTDE SAC for ``env_steps`` transitions with Tianshou's off-policy trainer.
 
     ``out_dir`` (optional) receives TensorBoard logs (``tb/``), ``checkpoint.pt`` (every epoch
-    and at the end) and ``buffer.h5`` (the replay buffer). ``resume=True`` reloads both and lets
+    and at the end) and ``buffer-<env step>.h5`` (the replay buffer it was saved with).
+    ``resume=True`` reloads both (and the RNG states) and lets
     the trainer continue from the logged epoch/step counters. ``algorithm`` continues training
     an existing learner (e.g. Stage III); otherwise one is built for the env's shapes.
 
@@ -605,7 +606,6 @@ def train_sac(
         raise ValueError("train_sac: epoch_callback needs out_dir (it logs to out_dir/tb)")
     checkpoint = out / "checkpoint.pt" if out else None
     best_file = out / "best.pt" if out else None
-    buffer_file = out / "buffer.h5" if out else None
     best_score, scored_at = -math.inf, -1
     resumed = bool(resume and checkpoint is not None and checkpoint.is_file())
     if resume and not resumed:
@@ -619,7 +619,12 @@ def train_sac(
         scored_at = start_env_step
         if "rng" in extra:
             restore_rng_states(extra["rng"])
-        if buffer_file is not None and buffer_file.is_file():
+        buffer_name = extra.get("buffer")  # the replay buffer saved with this checkpoint
+        if buffer_name is not None:
+            buffer_file = out / buffer_name
+            if not buffer_file.is_file():
+                raise FileNotFoundError(f"{buffer_file}: the replay buffer that {checkpoint} "
+                                        "was saved with is missing")
             collector.buffer = VectorReplayBuffer.load_hdf5(str(buffer_file))
     grads_per_update = round(config.updates_per_env_step * config.collect_env_steps)
     algorithm.critic_only_steps_left = max(
@@ -654,14 +659,18 @@ def train_sac(
             if epoch_callback is not None and env_step != called_at:
                 called_at = env_step
                 epoch_callback(algorithm, env_step, logger.writer)
-            # the buffer first, the checkpoint (weights, counters, RNG states) last: a kill
-            # between the two leaves the previous checkpoint, which a newer buffer only
-            # extends (resume then replays from a state at least as complete)
-            with atomic_path(buffer_file) as partial:
+            # the buffer first, under a name of its own; the checkpoint (weights, counters,
+            # RNG states, the buffer's name) last, atomically; then older buffers go. A kill
+            # anywhere leaves a checkpoint and the buffer it was saved with.
+            buffer_name = f"buffer-{env_step}.h5"
+            with atomic_path(out / buffer_name) as partial:
                 collector.buffer.save_hdf5(str(partial))
             save_checkpoint(algorithm, checkpoint, epoch=epoch, env_step=env_step,
                             gradient_step=gradient_step, config=asdict(config),
-                            best_score=best_score, rng=rng_states())
+                            best_score=best_score, rng=rng_states(), buffer=buffer_name)
+            for old in out.glob("buffer-*.h5"):
+                if old.name != buffer_name:
+                    old.unlink()
             return str(checkpoint)
 
     epochs, per_epoch = epoch_plan(env_steps, config.collect_env_steps, config.epoch_env_steps)

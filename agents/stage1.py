@@ -47,10 +47,11 @@ from vimo_env.recognizer import Recognizer, RecognizerConfig
 LAST = "stage1_last.pt"
 BEST = "stage1_best.pt"
 SELECTED = "stage1_selected.pt"  # the recognizer Stage I hands on (best of the candidates)
-# the light recognizer of the paper's own ablations (F_T and F_M mean pools: a linear model of
-# the pooled frames), tried beside the paper's LSTM + transformer and kept when it is better
-# on val: on small train splits the deep model over-fits (docs/experiments.md)
-LIGHT_RECOGNIZER = {"temporal": "meanpool", "integration": "meanpool", "pooled_linear": False}
+# the light recognizer of the paper's own ablations (F_T and F_M mean pools, with the pooled
+# linear path: a linear model of the pooled frames), tried beside the paper's LSTM +
+# transformer and kept when it is better on val: on small train splits the deep model
+# over-fits (docs/experiments.md)
+LIGHT_RECOGNIZER = {"temporal": "meanpool", "integration": "meanpool"}
 # config fields that may differ between an interrupted run and its resumption
 _RESUMABLE_CHANGES = {"device", "out_dir"}
 

@@ -18,8 +18,9 @@ quantity the team reward sums to, and far less noisy on a few hundred videos tha
 moves when two videos swap ranks - or val mAP.
 
 Checkpoints: Stage I writes ``stage1/stage1_last.pt`` every epoch; SAC writes
-``<stage>/checkpoint.pt`` and ``buffer.h5`` every epoch (the buffers, 0.6 GB each on PhotoUnits,
-are deleted when all three stages are done: only a resume inside a part reads them); fine-tuning
+``<stage>/checkpoint.pt`` and ``buffer-<env step>.h5`` every epoch (the buffers, 0.6 GB each on
+PhotoUnits, are deleted when all three stages are done: only a resume inside a part reads them);
+fine-tuning
 writes ``stage3/round<r>/finetune_last.pt`` every epoch; each finished part leaves a
 ``done.json``.
 ``resume=True`` skips finished parts and continues the unfinished one from its checkpoint.
@@ -372,6 +373,8 @@ class ThreeStageTrainer:
             recognizer.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             rng.bit_generator.state = ckpt["numpy_rng"]
+            if "torch_rng" in ckpt:  # dropout draws from torch's global generator
+                torch.set_rng_state(ckpt["torch_rng"])
             start, best = int(ckpt["epoch"]) + 1, float(ckpt["best_val_score"])
         else:
             best = -float("inf")
@@ -404,7 +407,8 @@ class ThreeStageTrainer:
                 recognizer.save(best_path)  # atomic, before the checkpoint that records it
             torch_save_atomic({"epoch": epoch, "model": recognizer.state_dict(),
                                "optimizer": optimizer.state_dict(),
-                               "numpy_rng": rng.bit_generator.state, "best_val_score": best},
+                               "numpy_rng": rng.bit_generator.state,
+                               "torch_rng": torch.get_rng_state(), "best_val_score": best},
                               last)
         return Recognizer.load(best_path, map_location=device).eval()
 
@@ -451,7 +455,7 @@ class ThreeStageTrainer:
         if stop_after == "II":
             return stages
         stages.append(self._timed("stage3", self.stage3, stages[1], resume))
-        for buffer in self.out.rglob("buffer.h5"):  # nothing is left to resume
+        for buffer in self.out.rglob("buffer-*.h5"):  # nothing is left to resume
             buffer.unlink()
         return stages
 
