@@ -52,10 +52,23 @@ class FrameSource(ABC):
     def begin_episodes(self, videos: torch.Tensor) -> None:  # noqa: B027 - optional hook
         """Hook: episodes start on ``videos`` (a live source drops their old frame caches)."""
 
+    #: True when every feature was checked finite at load, so a consumer need not check the
+    #: rows it gathers (the env then skips a per-step device sync)
+    finite_checked: bool = False
+    #: True when a read is cheap (memory, not a decoder): the env then gathers every
+    #: locator's frame, moved or not, instead of finding the moved ones (a device sync)
+    cheap_gather: bool = False
+
     @abstractmethod
     def gather(self, videos: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """Features ``[K, D]`` (float32, on ``self.device``) of frame ``frames[k]`` of video
         ``videos[k]``."""
+
+    def gather_in_range(self, videos: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """:meth:`gather` for indices the caller guarantees are in range (the env clamps every
+        position to its video); a source may skip its range check, and with it a device sync.
+        The default is :meth:`gather`."""
+        return self.gather(videos, frames)
 
 
 class CachedFrameSource(FrameSource):
@@ -114,6 +127,8 @@ class CachedFrameSource(FrameSource):
                                         f"GiB on {self.device} but only {free / 2**30:.2f} GiB "
                                         "is free; use dtype=torch.float16 or the CPU")
         flat = store.read_all()  # refuses itself when it would not fit in host memory
+        self.finite_checked = True  # read_all refuses NaN / Inf rows, naming the first
+        self.cheap_gather = True
         with warnings.catch_warnings():  # a preloaded store's array is read-only; never written
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             self.flat = torch.as_tensor(flat, device=self.device).to(dtype)
@@ -145,6 +160,10 @@ class CachedFrameSource(FrameSource):
         bad = bad_video | (frames < 0) | (frames >= length)
         if bool(bad.any()):
             self._raise_out_of_range(videos, frames, bad)
+        return self.gather_in_range(videos, frames)
+
+    def gather_in_range(self, videos: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """One indexed read, no check (no device sync): the caller guarantees the range."""
         rows = self.flat[self.offsets[videos] + frames]
         return rows if rows.dtype == torch.float32 else rows.float()
 

@@ -259,8 +259,9 @@ def test_gflops_accounting_in_the_files_unit():
         assert record.frames == 4 and record.flops_unit == unit
         expected = 4 * 2.0 + (4 * cost["temporal_per_frame"] + cost["integration"]) * factor / 1e9
         assert record.gflops == pytest.approx(expected, rel=1e-9)
-    # LSTM gates: one [D+H] x [4H] matmul per frame, 2 FLOPs per multiply-add
-    assert cost["temporal_per_frame"] == 2 * (4 + 8) * 32
+    # LSTM gates: one [D+H] x [4H] matmul per frame, plus the pooled linear path's [D] x [C],
+    # 2 FLOPs per multiply-add
+    assert cost["temporal_per_frame"] == 2 * (4 + 8) * 32 + 2 * 4 * 3
 
 
 def test_only_visited_frames_are_requested():
@@ -441,3 +442,49 @@ def test_action_mask_stop_always_moves_only_before_the_last_frame():
         assert out.action_mask[..., 0].all()  # never all-false
         assert not (out.action_mask[..., 1:] & ~out.alive[..., None]).any()
     assert not core.action_mask()[..., 1:].any()  # everyone stopped
+
+
+def test_auto_device_keeps_small_batches_on_the_cpu(monkeypatch):
+    """device="auto" picks CUDA for batched envs only: a batch-1 env (PettingZoo, single
+    Gymnasium) would spend a step on kernel launches and host transfers."""
+    from features import device as device_module
+
+    monkeypatch.setattr(device_module.torch.cuda, "is_available", lambda: True)
+    resolve = device_module.resolve_device
+    minimum = device_module.AUTO_CUDA_MIN_BATCH
+    assert resolve("auto").type == "cuda"
+    assert resolve("auto", batch_size=1).type == "cpu"
+    assert resolve("auto", batch_size=minimum - 1).type == "cpu"
+    assert resolve("auto", batch_size=minimum).type == "cuda"
+    assert resolve("cpu", batch_size=10_000).type == "cpu"
+    # the env builder follows a given source's device under "auto"
+    from vimo_env.core import build_core
+
+    core = build_core(ArraySource([10]), tiny_recognizer(), split=None, num_locators=3,
+                      max_moves=2, stride=1, frame_cost=0.0, device="auto", seed=0,
+                      compute_rewards=True, batch_size=1)
+    assert core.device.type == "cpu"
+
+
+def test_dense_gather_of_a_cheap_source_equals_reading_only_the_moved_frames():
+    """A cheap source (in memory) is read at every locator's position each step, with no
+    nonzero() and so no device sync; a decoder-backed one only where locators moved. Both
+    give the same episodes."""
+    lengths = [9, 14, 3, 20, 11]
+    sparse, _, _ = make_core(lengths, batch=5, locator_credit=True)
+    dense, dense_source, _ = make_core(lengths, batch=5, locator_credit=True)
+    dense_source.cheap_gather = True
+    reads = []
+    original = dense_source.gather_in_range
+    dense_source.gather_in_range = lambda v, f: reads.append(len(v)) or original(v, f)
+    gen = torch.Generator().manual_seed(3)
+    a, b = sparse.reset(torch.arange(5)), dense.reset(torch.arange(5))
+    while not bool(sparse.done.all()):
+        actions = torch.randint(0, 4, (5, 3), generator=gen)
+        live = ~sparse.done
+        a = sparse.step(actions[live], rows=live.nonzero().squeeze(1))
+        b = dense.step(actions[live], rows=live.nonzero().squeeze(1))
+        for field in ("observation", "p_gt", "reward", "moved", "done"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field))
+    assert reads and all(n % 3 == 0 for n in reads)  # every locator of every stepped row
+    torch.testing.assert_close(sparse.trajectories, dense.trajectories)

@@ -30,7 +30,7 @@ see :mod:`vimo_env.costs`, the one place that converts torch's FLOP counts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -410,9 +410,22 @@ class LocatorCore:
         if feats.shape != (count, D):
             raise ValueError(f"frame source returned features of shape {tuple(feats.shape)}, "
                              f"expected ({count}, {D})")
-        if not torch.isfinite(feats).all():
+        # a cached source checked every row at load; re-checking would sync the device
+        if not self.source.finite_checked and not torch.isfinite(feats).all():
             raise ValueError("frame source returned non-finite features (NaN or Inf)")
         return feats.to(self.state.dtype)
+
+    def _require(self, ok: torch.Tensor, explain: Callable[[], str],
+                 error: type[Exception] = ValueError) -> None:
+        """Raise ``error(explain())`` unless ``ok`` (a bool tensor) is all true. On the CPU
+        that is a plain check; on an accelerator it is an asynchronous device assert, so a
+        step never waits on the device to validate its inputs."""
+        if ok.device.type == "cpu":
+            if not bool(ok.all()):
+                raise error(explain())
+        else:
+            torch._assert_async(ok.all(), f"LocatorCore: {error.__name__}: invalid input "
+                                "(rerun on the CPU for the full message)")
 
     # ---------------------------------------------------------------- step
     def check_actions(self, actions: torch.Tensor, k: int) -> torch.Tensor:
@@ -426,16 +439,16 @@ class LocatorCore:
             raise TypeError(f"actions must be integers in 0..{NUM_ACTIONS - 1}, got dtype "
                             f"{actions.dtype}")
         if actions.dtype.is_floating_point:
-            if not torch.isfinite(actions).all():
-                raise ValueError("actions contain NaN or Inf; valid actions are 0, 1, 2, 3")
-            if (actions != actions.round()).any():
-                raise ValueError(f"actions must be whole numbers in 0..{NUM_ACTIONS - 1}, got "
-                                 f"{actions[actions != actions.round()][:5].tolist()}")
+            self._require(torch.isfinite(actions),
+                          lambda: "actions contain NaN or Inf; valid actions are 0, 1, 2, 3")
+            self._require(actions == actions.round(), lambda: (
+                f"actions must be whole numbers in 0..{NUM_ACTIONS - 1}, got "
+                f"{actions[actions != actions.round()][:5].tolist()}"))
+            actions = actions.nan_to_num(0.0)  # (only reached on an accelerator)
         actions = actions.long()
-        bad = (actions < 0) | (actions >= NUM_ACTIONS)
-        if bad.any():
-            raise ValueError(f"actions must lie in 0..{NUM_ACTIONS - 1} (stop, move 1-3 strides),"
-                             f" got {actions[bad][:5].tolist()}")
+        self._require((actions >= 0) & (actions < NUM_ACTIONS), lambda: (
+            f"actions must lie in 0..{NUM_ACTIONS - 1} (stop, move 1-3 strides), got "
+            f"{actions[(actions < 0) | (actions >= NUM_ACTIONS)][:5].tolist()}"))
         return actions
 
     def step(self, actions: torch.Tensor, rows: torch.Tensor | None = None) -> CoreStep:
@@ -451,10 +464,10 @@ class LocatorCore:
         k = self.batch_size if rows is None else len(rows)
         actions = self.check_actions(actions, k)
         ended = self.done[sel] | ~self.active[sel]
-        if ended.any():
-            bad = (torch.arange(k, device=self.device) if rows is None else rows)[ended]
-            raise RuntimeError(f"step: rows {bad[:10].tolist()} have no running episode "
-                               "(ended or never reset); reset them first")
+        row_ids = torch.arange(k, device=self.device) if rows is None else rows
+        self._require(~ended, lambda: (
+            f"step: rows {row_ids[ended][:10].tolist()} have no running episode (ended or "
+            "never reset); reset them first"), RuntimeError)
         N, m = self.num_locators, self.max_moves
         with self._inference() as rec:
             alive = self.alive[sel]
@@ -465,11 +478,19 @@ class LocatorCore:
             n = self.frames_observed[sel] + moved.long()
             still = moved & (n <= m)  # after its m-th move (n = m + 1 frames) it stops
             videos = self.videos[sel]
-            idx = moved.nonzero(as_tuple=True)
-            visited = self.source.gather(videos[idx[0]], new_pos[idx])
-            visited = self._check_features(visited, len(idx[0]))
-            frames = torch.zeros(k, N, visited.shape[-1], dtype=visited.dtype, device=self.device)
-            frames[idx] = visited
+            if self.source.cheap_gather:
+                # every locator's (clamped, in-range) position: no nonzero(), so no device
+                # sync; observe() ignores the rows of locators that did not move
+                frames = self.source.gather_in_range(
+                    videos.unsqueeze(1).expand(-1, N).reshape(-1), new_pos.reshape(-1))
+                frames = self._check_features(frames, k * N).view(k, N, -1)
+            else:  # a decoder: read only the frames the moving locators observe
+                idx = moved.nonzero(as_tuple=True)
+                visited = self._check_features(self.source.gather(videos[idx[0]], new_pos[idx]),
+                                               len(idx[0]))
+                frames = torch.zeros(k, N, visited.shape[-1], dtype=visited.dtype,
+                                     device=self.device)
+                frames[idx] = visited
             state = rec.observe(self.state[sel], frames, moved)
             new_frames = moved.sum(1)
             labels = self.labels[sel]
@@ -697,7 +718,13 @@ def build_core(
     batch_size: int,
     locator_credit: bool = False,
 ) -> LocatorCore:
-    """The engine behind every front-end, from the SPEC section 6 keywords."""
+    """The engine behind every front-end, from the SPEC section 6 keywords. ``device="auto"``
+    follows a given source's device, else picks CUDA only for batches of at least
+    ``AUTO_CUDA_MIN_BATCH`` rows (a batch-1 env stays on the CPU)."""
+    if device == "auto":
+        source_device = getattr(features, "device", None)
+        device = (torch.device(source_device) if source_device is not None
+                  else resolve_device("auto", batch_size=batch_size))
     source = load_source(features, split, device)
     rec = load_recognizer(recognizer, source, num_locators, seed)
     return LocatorCore(source, rec, num_locators=num_locators, max_moves=max_moves,
