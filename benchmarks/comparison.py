@@ -1,8 +1,9 @@
 """ViMo against the seed peers on the same features (run_marl.py's ``peers`` phase).
 
-The peers (``agents.peers``: LiteEval, AFNet-style) glance at many frames with a cheap backbone
-and focus on a few with an expensive one, so they read a glance/focus pair of feature files
-(:class:`features.pairs.FeaturePair`); ViMo reads the focus file alone. This module
+The peers (``agents.peers``: LiteEval, AFNet-style, AdaFocus, NSNet) glance at many frames with
+a cheap backbone and focus on a few with an expensive one, so they read a glance/focus pair of
+feature files (:class:`features.pairs.FeaturePair`); ViMo reads the focus file alone. This
+module
 
 * finds the glance file: ``--glance FILE.h5``, or the synthetic stand-in
   (:func:`features.pairs.make_glance_features`) built once and cached beside the generated
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from agents.evaluate import EvalResult, evaluate_policy
-from agents.peers import afnet, liteeval
+from agents.peers import adafocus, afnet, liteeval, nsnet
 from agents.peers.harness import FrameCosts, gather_batch, matched_uniform, sample_frames
 from features.atomic import atomic_path, write_text_atomic
 from features.pairs import GLANCE_GMACS_PER_FRAME, FeaturePair, make_glance_features
@@ -42,6 +43,8 @@ from features.synthetic import GMACS_PER_FRAME as RESNET50_GMACS_PER_FRAME
 PEERS: dict[str, tuple[ModuleType, type]] = {
     "liteeval": (liteeval, liteeval.LiteEvalArgs),
     "afnet": (afnet, afnet.AFNetArgs),
+    "adafocus": (adafocus, adafocus.AdaFocusArgs),
+    "nsnet": (nsnet, nsnet.NSNetArgs),
 }
 
 #: ``--budget tiny``: small networks and step counts (smoke tests); "default" uses the peers'
@@ -50,6 +53,10 @@ TINY_PEER_ARGS: dict[str, dict] = {
     "liteeval": dict(embed_dim=32, coarse_hidden=16, fine_hidden=32, num_frames=16,
                      min_steps=100, max_steps=100, eval_every=25),
     "afnet": dict(hidden=32, num_frames=16, min_steps=100, max_steps=100, eval_every=25),
+    "adafocus": dict(embed_dim=32, hidden=32, policy_dim=16, policy_hidden=16, num_frames=16,
+                     min_steps=100, max_steps=100, eval_every=25),
+    "nsnet": dict(d_model=32, heads=4, num_frames=16, min_steps=100, max_steps=100,
+                  eval_every=25),
 }
 
 #: glance : focus per-frame cost of the stand-in: MobileNetV2 vs ResNet-50 at 224x224

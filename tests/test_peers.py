@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.peers import afnet, liteeval
+from agents.peers import adafocus, afnet, liteeval, nsnet
 from agents.peers.harness import (
     FrameCosts,
     SelectionRecord,
@@ -182,7 +182,8 @@ def test_matched_uniform_reaches_the_peer_cost(tiny_pair):
 
 # -- the peers -------------------------------------------------------------------------------
 
-PEERS = {"liteeval": (liteeval, liteeval.LiteEvalArgs), "afnet": (afnet, afnet.AFNetArgs)}
+PEERS = {"liteeval": (liteeval, liteeval.LiteEvalArgs), "afnet": (afnet, afnet.AFNetArgs),
+         "adafocus": (adafocus, adafocus.AdaFocusArgs), "nsnet": (nsnet, nsnet.NSNetArgs)}
 
 
 @pytest.mark.parametrize("name", sorted(PEERS))
@@ -217,7 +218,8 @@ def test_same_seed_same_numbers(tiny_pair, name):
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), k
     c, _ = module.train(tiny_pair, replace(args, seed=1))
-    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                     c.state_dict().values(), strict=True))
 
 
 @pytest.mark.parametrize("variant", [

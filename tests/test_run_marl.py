@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC_POLICY_KEYS = {"name", "mAP", "top1", "frame_rate", "frames_per_video", "gflops_per_video"}
 POLICIES = {"adaptive", "all", "uniform-25", "uniform-50", "random-25", "random-50", "initial",
             "open-loop", "open-loop@adaptive", "probe"}
-PEERS = {"liteeval", "afnet"}  # the seed peers run after ViMo (benchmarks.comparison)
+# the seed peers run after ViMo (benchmarks.comparison)
+PEERS = {"liteeval", "afnet", "adafocus", "nsnet"}
 PEER_KEYS = SPEC_POLICY_KEYS | {"frames_glanced", "frames_focused"}
 
 
@@ -457,7 +458,7 @@ def test_resume_loads_finished_peers(run_marl, full_run, tiny_dataset, tmp_path,
     refused."""
     import shutil
 
-    from agents.peers import afnet, liteeval
+    from benchmarks import comparison
 
     out, payload = full_run
     shutil.copytree(out / "train" / "peers", tmp_path / "train" / "peers")
@@ -466,8 +467,8 @@ def test_resume_loads_finished_peers(run_marl, full_run, tiny_dataset, tmp_path,
     def no_training(*args, **kwargs):
         raise AssertionError("a finished peer was retrained under --resume")
 
-    monkeypatch.setattr(liteeval, "train", no_training)
-    monkeypatch.setattr(afnet, "train", no_training)
+    for module, _ in comparison.PEERS.values():
+        monkeypatch.setattr(module, "train", no_training)
     resumed = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
                              str(tmp_path), "--seed", "0", "--no-progress", "--resume",
                              "--glance", payload["peers"]["glance"]["path"]])  # (checked)
@@ -482,7 +483,7 @@ def test_resume_loads_finished_peers(run_marl, full_run, tiny_dataset, tmp_path,
     assert resumed["peers"]["glance"]["stand_in_built_now"] is None  # --glance given
     with pytest.raises(SystemExit, match="not found"):
         run_marl.main(["--dataset", str(tiny_dataset), "--glance", str(tmp_path / "no.h5")])
-    for bad in ("nsnet", "liteeval,nope", ","):
+    for bad in ("notapeer", "liteeval,nope", ","):
         with pytest.raises(SystemExit):
             run_marl.parse_args(["--peers", bad])
     assert run_marl.parse_args(["--peers", "afnet"]).peers == ["afnet"]
