@@ -358,3 +358,29 @@ def test_seed_fixes_the_action_spaces_too(h5):
     assert samples(va) == samples(vb)
     assert [va.single_action_space.sample().tolist() for _ in range(4)] == [
         vb.single_action_space.sample().tolist() for _ in range(4)]
+
+
+def test_vector_env_takes_torch_actions_and_returns_the_same(h5):
+    """Actions as a torch tensor (a policy on the device) give exactly what numpy actions give;
+    observations, infos and rewards come back as numpy, typed as before."""
+    import torch
+
+    def rollout(as_tensor):
+        venv = VideoLocatorsVectorEnv(num_envs=5, **kwargs(h5, locator_credit=True))
+        obs, info = venv.reset(seed=4)
+        rng = np.random.default_rng(2)
+        seen = [obs, info]
+        for _ in range(12):
+            actions = rng.integers(0, 4, size=(5, 3))
+            step = venv.step(torch.as_tensor(actions) if as_tensor else actions)
+            seen.append(step)
+        return seen
+
+    a, b = rollout(False), rollout(True)
+    for x, y in zip(a[2:], b[2:], strict=True):
+        np.testing.assert_array_equal(x[0]["observation"], y[0]["observation"])
+        np.testing.assert_array_equal(x[1], y[1])
+        np.testing.assert_array_equal(x[2], y[2])
+        assert x[1].dtype == np.float64 and x[2].dtype == np.bool_
+        assert y[0]["action_mask"].dtype == np.int8 and y[4]["position"].dtype == np.int64
+        np.testing.assert_array_equal(x[4]["locator_credit"], y[4]["locator_credit"])

@@ -217,16 +217,42 @@ class VideoLocatorsVectorEnv(VectorEnv):
             self.action_space.seed(seed)
             self.single_action_space.seed(seed)
         self._needs_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.core.device)
+        self._restart_host = np.zeros(self.num_envs, dtype=bool)  # the same, on the host
         self._returns = np.zeros(self.num_envs)
 
     def _draw(self, count: int) -> torch.Tensor:
         return torch.as_tensor(self.sampler.draw(count), device=self.core.device)
 
-    def _obs(self) -> dict[str, np.ndarray]:
+    def _host(self, *extra: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, Any],
+                                                   list[np.ndarray]]:
+        """Observation dict, info dict and ``extra`` (``[B]`` tensors) as numpy, in ONE
+        device-to-host copy: every per-row tensor is packed into one float32 block first (the
+        integers involved, frame positions and counts, are exact in float32 below 2^24)."""
         core = self.core
-        return {"observation": core.observation.cpu().numpy().copy(),
-                "alive": core.alive.cpu().numpy().astype(np.int8),
-                "action_mask": core.action_mask().cpu().numpy().astype(np.int8)}
+        B, N = self.num_envs, core.num_locators
+        parts = [core.observation.reshape(B, -1), core.alive.float(),
+                 core.action_mask().reshape(B, -1).float(), core.positions.float(),
+                 core.frames_observed.float(), core.p_gt.float().unsqueeze(1)]
+        if core.locator_credit:
+            parts.append(core.credit.float())
+        parts += [t.float().reshape(B, 1) for t in extra]
+        block = torch.cat(parts, dim=1).cpu().numpy()
+        sizes = [p.shape[1] for p in parts]
+        pieces = np.split(block, np.cumsum(sizes)[:-1], axis=1)
+        obs_dim = core.observation.shape[-1]
+        obs = {"observation": pieces[0].reshape(B, N, obs_dim).copy(),
+               "alive": pieces[1].astype(np.int8),
+               "action_mask": pieces[2].reshape(B, N, -1).astype(np.int8)}
+        info = {"position": pieces[3].astype(np.int64), "frames": pieces[4].astype(np.int64),
+                "p_gt": pieces[5][:, 0].copy()}
+        k = 6
+        if core.locator_credit:
+            info["locator_credit"] = pieces[6].copy()
+            k = 7
+        return obs, info, [p[:, 0] for p in pieces[k:]]
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return self._host()[0]
 
     def action_masks(self) -> np.ndarray:
         """Legal actions of every row, bool ``[B, N * 4]`` (see :class:`VideoLocatorsEnv`)."""
@@ -235,13 +261,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         return self.core.action_mask().reshape(self.num_envs, -1).cpu().numpy()
 
     def _info(self) -> dict[str, Any]:
-        core = self.core
-        info = {"position": core.positions.cpu().numpy().copy(),
-                "frames": core.frames_observed.cpu().numpy().copy(),
-                "p_gt": core.p_gt.cpu().numpy().copy()}
-        if core.locator_credit:
-            info["locator_credit"] = core.credit.cpu().numpy().copy()
-        return info
+        return self._host()[1]
 
     def reset(self, *, seed: int | None = None, options: dict | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -255,8 +275,10 @@ class VideoLocatorsVectorEnv(VectorEnv):
             return self._reset_rows(mask)
         self.core.reset(self._draw(self.num_envs))
         self._needs_reset.zero_()
+        self._restart_host[:] = False
         self._returns[:] = 0.0
-        return self._obs(), self._info()
+        obs, info, _ = self._host()
+        return obs, info
 
     def _reset_rows(self, mask: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Gymnasium's partial reset (``options={"reset_mask": bool [B]}``): restart only the
@@ -269,8 +291,10 @@ class VideoLocatorsVectorEnv(VectorEnv):
         if len(rows):
             self.core.reset(self._draw(len(rows)), rows=rows)
             self._needs_reset[rows] = False
+            self._restart_host[mask] = False
             self._returns[mask] = 0.0
-        return self._obs(), self._info()
+        obs, info, _ = self._host()
+        return obs, info
 
     def step(self, actions: Any) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray,
                                           np.ndarray, dict[str, Any]]:
@@ -278,31 +302,41 @@ class VideoLocatorsVectorEnv(VectorEnv):
         if core.batch_size is None or not bool(core.active.all()):
             raise RuntimeError("step() before reset()")
         B, N = self.num_envs, core.num_locators
-        actions = torch.as_tensor(np.asarray(actions), device=core.device)
+        # a tensor (on any device) is taken as it is: a policy on the GPU needs no numpy trip
+        if not isinstance(actions, torch.Tensor):
+            actions = np.asarray(actions)
+        actions = torch.as_tensor(actions, device=core.device)
         if tuple(actions.shape) != (B, N):
             raise ValueError(f"actions must have shape ({B}, {N}), got {tuple(actions.shape)}")
         # every row's action is validated, restarting rows' too (then ignored)
         actions = core.check_actions(actions, B)
-        rewards = np.zeros(B)
-        terminated = np.zeros(B, dtype=bool)
-        restart = self._needs_reset.nonzero(as_tuple=True)[0]
+        reward = torch.zeros(B, device=core.device)
+        done = torch.zeros(B, dtype=torch.bool, device=core.device)
+        # which rows restart is known on the host from the previous step: no device read
+        restart_host = np.flatnonzero(self._restart_host)
         finished: EpisodeBatch | None = None
-        if len(restart) < B:
-            rows = None if len(restart) == 0 else (~self._needs_reset).nonzero(as_tuple=True)[0]
+        if len(restart_host) < B:
+            rows = None
+            if len(restart_host):
+                rows = torch.as_tensor(np.flatnonzero(~self._restart_host), device=core.device)
             out = core.step(actions if rows is None else actions[rows], rows=rows)
-            stepped = slice(None) if rows is None else rows.cpu().numpy()
-            rewards[stepped] = out.reward.double().cpu().numpy()
-            terminated[stepped] = out.done.cpu().numpy()
+            if rows is None:
+                reward, done = out.reward.float(), out.done
+            else:
+                reward[rows], done[rows] = out.reward.float(), out.done
             finished = out.finished
-        if len(restart):
-            core.reset(self._draw(len(restart)), rows=restart)
-            self._returns[restart.cpu().numpy()] = 0.0
+        if len(restart_host):
+            restart = torch.as_tensor(restart_host, device=core.device)
+            core.reset(self._draw(len(restart_host)), rows=restart)
+            self._returns[restart_host] = 0.0
+        self._needs_reset = done.clone()
+        obs, info, (rewards, terminated) = self._host(reward, done)  # one device-to-host copy
+        rewards, terminated = rewards.astype(np.float64), terminated.astype(bool)
+        self._restart_host = terminated.copy()
         self._returns += rewards
-        self._needs_reset = torch.as_tensor(terminated, device=core.device)
-        info = self._info()
         if finished is not None:
             info[EPISODE_KEY], info[f"_{EPISODE_KEY}"] = self._episode_info(finished)
-        return self._obs(), rewards, terminated, np.zeros(B, dtype=bool), info
+        return obs, rewards, terminated, np.zeros(B, dtype=bool), info
 
     def _episode_info(self, batch: EpisodeBatch) -> tuple[dict[str, np.ndarray], np.ndarray]:
         B = self.num_envs
