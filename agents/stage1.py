@@ -15,6 +15,10 @@ the measurements that chose it):
 * **A budget in gradient steps** that scales with the train split:
   ``clip(epochs_target x steps per epoch, min_steps, max_steps)``, so 840 videos get as many
   updates as 3,000 (more passes over fewer videos) and 50,000 videos do not take hours.
+* **Two candidates, chosen on val**: the configured recognizer (the paper's LSTM + transformer,
+  with a pooled linear path trained by its own loss at ``pooled_lr_scale`` x the rate) and the
+  light mean-pool recognizer of the paper's ablations (``alternatives``); the one with the
+  higher val mAP is handed on. Small train splits over-fit the deep one (docs/experiments.md).
 * The LSTM's unit embedding is the mean of its outputs (``RecognizerConfig.lstm_readout``), so
   the recognizer does not dilute when it later sees more frames (all frames, uniform-50) than
   it was trained on. ``rate_mix`` (off by default: the mean readout was enough) trains a share

@@ -13,7 +13,8 @@ photos seen through EfficientNet-Lite0 (no new backbone pass). Then runs
 time) and prints one table: Stage I (random-25, Stage I recognizer) against the linear probe
 (uniform-25), the adaptive policy, open-loop, uniform-25/50, all frames and initial (final
 recognizer), frames per video, wall time, and the checks of issue 12 (Stage I >= 0.9 x probe;
-adaptive strictly above open-loop and initial; all frames at most 1 mAP below uniform-25).
+adaptive strictly above open-loop and initial, and above the best open-loop schedule of its own
+cost; all frames at most 1 mAP below uniform-25).
 ``--quick`` runs two tiny variants with the tiny budget (what the test suite runs). The table
 and every run's ``results.json`` go under ``--out``; a dataset whose run already finished is not
 re-run.
