@@ -247,3 +247,24 @@ def test_pooled_linear_path_is_the_mean_of_every_observed_frame(temporal):
     pooled_mean = (x * mask[..., None]).sum((1, 2)) / mask.sum((1, 2))[:, None]
     torch.testing.assert_close(rec.pooled_logits(state), rec.pooled(pooled_mean))
     assert rec.frame_count(state).tolist() == mask.sum(-1).float().tolist()
+
+
+def test_stage1_ablation_driver(tiny_dataset, capsys):
+    """benchmarks/stage1_ablation.py: KEY=VALUE settings reach Stage1Config and the recognizer;
+    one JSON line with the recognizer's and the probe's val / test mAP."""
+    spec = importlib.util.spec_from_file_location(
+        "stage1_ablation", ROOT / "benchmarks" / "stage1_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    fields, recognizer = ablation.parse(["steps=6", "alternatives=()", "lr=1e-3",
+                                         "rec.temporal='meanpool'", "rec.hidden_dim=16"])
+    assert fields == {"steps": 6, "alternatives": (), "lr": 1e-3}
+    assert recognizer == {"temporal": "meanpool", "hidden_dim": 16}
+    result = ablation.main([str(tiny_dataset), "steps=6", "evaluations=2", "alternatives=()",
+                            "rec.temporal='meanpool'", "rec.integration='meanpool'"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert result["steps"] == 6 and [c[0] for c in result["curve"]] == [3, 6]
+    assert result["chosen"]["temporal"] == "meanpool"
+    assert 0 < result["probe_val_uniform-25"] <= 100 and 0 < result["test_all"] <= 100
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        ablation.parse(["steps"])
