@@ -135,7 +135,8 @@ def best_schedule(table: list[dict], max_gflops: float | None = None,
     among those costing at most ``max_gflops`` per video on val when given (the open-loop
     schedule at a learned policy's cost: a policy that uses its observations should beat the
     best blind one that spends no more). The initial-only schedule always qualifies."""
+    fewest = min(r["frames_per_video"] for r in table)
     fits = [r for r in table if max_gflops is None or r["gflops_per_video"] <= max_gflops
-            or r["frames_per_video"] == min(t["frames_per_video"] for t in table)]
+            or r["frames_per_video"] == fewest]
     best = max(fits, key=lambda r: (round(r["mAP"], 9), -r["gflops_per_video"]))
     return OpenLoopPolicy(best["schedule"], name=name)

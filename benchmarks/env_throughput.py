@@ -79,7 +79,7 @@ def bench_vector(source, recognizer, B: int, steps: int, seed: int, compute_rewa
     elapsed = 0.0
     for _ in range(steps):
         actions = rng.integers(0, 4, size=(B, N))
-        restarting = inner._needs_reset.clone()
+        restarting = torch.as_tensor(inner._needs_reset.copy())
         stepped = int((~restarting).sum())
         locator_steps += int((core.alive & ~restarting.unsqueeze(1)).sum())
         ending = 0

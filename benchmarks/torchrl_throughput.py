@@ -50,7 +50,7 @@ def run_gym(venv: VideoLocatorsVectorEnv, steps: int, rng: np.random.Generator) 
     locator_steps, elapsed = 0, 0.0
     for _ in range(steps):
         actions = rng.integers(0, 4, size=(B, N))
-        restarting = venv._needs_reset
+        restarting = torch.as_tensor(venv._needs_reset)
         locator_steps += int((core.alive & ~restarting.unsqueeze(1)).sum())
         t0 = time.perf_counter()
         venv.step(actions)

@@ -21,3 +21,14 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory):
 
     return generate("tiny", tmp_path_factory.mktemp("synthetic") / "tiny.h5", seed=0,
                     progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_dataset, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny dataset as the focus file of a glance/focus pair (the peers' input), its glance
+    file the synthetic stand-in (built once per session)."""
+    from features.pairs import FeaturePair, make_glance_features
+
+    glance = make_glance_features(tiny_dataset, tmp_path_factory.mktemp("pair") / "glance.h5",
+                                  seed=0)
+    return FeaturePair(glance, tiny_dataset)

@@ -25,13 +25,6 @@ KNOB = {"embed_dim": 32, "hidden": 32, "policy_dim": 16, "policy_hidden": 16,
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tiny_dataset, tmp_path_factory) -> FeaturePair:
-    glance = make_glance_features(tiny_dataset, tmp_path_factory.mktemp("pair") / "glance.h5",
-                                  seed=0)
-    return FeaturePair(glance, tiny_dataset)
-
-
-@pytest.fixture(scope="module")
 def trained(tiny_pair, tmp_path_factory):
     """One AdaFocus trained through the benchmark's own path (comparison.run_peer, which
     saves ``adafocus.pt`` and its record), registered for this module only."""

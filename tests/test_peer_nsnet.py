@@ -23,13 +23,6 @@ FAST = {"min_steps": 150, "max_steps": 150, "eval_every": 25}
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tiny_dataset, tmp_path_factory) -> FeaturePair:
-    glance = make_glance_features(tiny_dataset, tmp_path_factory.mktemp("pair") / "glance.h5",
-                                  seed=0)
-    return FeaturePair(glance, tiny_dataset)
-
-
-@pytest.fixture(scope="module")
 def trained(tiny_pair, tmp_path_factory):
     """One NSNet trained through the comparison's runner (checkpoint + record in a folder)."""
     from benchmarks import comparison

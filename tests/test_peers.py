@@ -26,13 +26,6 @@ SPEC_KEYS = {"name", "mAP", "top1", "frame_rate", "frames_per_video", "gflops_pe
 FAST = {"min_steps": 150, "max_steps": 150, "eval_every": 25}
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(tiny_dataset, tmp_path_factory) -> FeaturePair:
-    glance = make_glance_features(tiny_dataset, tmp_path_factory.mktemp("pair") / "glance.h5",
-                                  seed=0)
-    return FeaturePair(glance, tiny_dataset)
-
-
 # -- pairing ---------------------------------------------------------------------------------
 
 

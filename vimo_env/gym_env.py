@@ -216,8 +216,9 @@ class VideoLocatorsVectorEnv(VectorEnv):
         if seed is not None:  # as reset(seed=): the batched and the single action space
             self.action_space.seed(seed)
             self.single_action_space.seed(seed)
-        self._needs_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.core.device)
-        self._restart_host = np.zeros(self.num_envs, dtype=bool)  # the same, on the host
+        # rows whose episode ended at the last step (they restart at the next one); on the host,
+        # so a step never reads the device to find them
+        self._needs_reset = np.zeros(self.num_envs, dtype=bool)
         self._returns = np.zeros(self.num_envs)
 
     def _draw(self, count: int) -> torch.Tensor:
@@ -251,17 +252,11 @@ class VideoLocatorsVectorEnv(VectorEnv):
             k = 7
         return obs, info, [p[:, 0] for p in pieces[k:]]
 
-    def _obs(self) -> dict[str, np.ndarray]:
-        return self._host()[0]
-
     def action_masks(self) -> np.ndarray:
         """Legal actions of every row, bool ``[B, N * 4]`` (see :class:`VideoLocatorsEnv`)."""
         if self.core.batch_size is None:
             raise RuntimeError("action_masks() before reset()")
         return self.core.action_mask().reshape(self.num_envs, -1).cpu().numpy()
-
-    def _info(self) -> dict[str, Any]:
-        return self._host()[1]
 
     def reset(self, *, seed: int | None = None, options: dict | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -274,8 +269,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         if mask is not None and self.core.batch_size is not None:
             return self._reset_rows(mask)
         self.core.reset(self._draw(self.num_envs))
-        self._needs_reset.zero_()
-        self._restart_host[:] = False
+        self._needs_reset[:] = False
         self._returns[:] = 0.0
         obs, info, _ = self._host()
         return obs, info
@@ -290,8 +284,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
         rows = torch.as_tensor(np.flatnonzero(mask), device=self.core.device)
         if len(rows):
             self.core.reset(self._draw(len(rows)), rows=rows)
-            self._needs_reset[rows] = False
-            self._restart_host[mask] = False
+            self._needs_reset[mask] = False
             self._returns[mask] = 0.0
         obs, info, _ = self._host()
         return obs, info
@@ -312,13 +305,12 @@ class VideoLocatorsVectorEnv(VectorEnv):
         actions = core.check_actions(actions, B)
         reward = torch.zeros(B, device=core.device)
         done = torch.zeros(B, dtype=torch.bool, device=core.device)
-        # which rows restart is known on the host from the previous step: no device read
-        restart_host = np.flatnonzero(self._restart_host)
+        restart_host = np.flatnonzero(self._needs_reset)
         finished: EpisodeBatch | None = None
         if len(restart_host) < B:
             rows = None
             if len(restart_host):
-                rows = torch.as_tensor(np.flatnonzero(~self._restart_host), device=core.device)
+                rows = torch.as_tensor(np.flatnonzero(~self._needs_reset), device=core.device)
             out = core.step(actions if rows is None else actions[rows], rows=rows)
             if rows is None:
                 reward, done = out.reward.float(), out.done
@@ -329,10 +321,9 @@ class VideoLocatorsVectorEnv(VectorEnv):
             restart = torch.as_tensor(restart_host, device=core.device)
             core.reset(self._draw(len(restart_host)), rows=restart)
             self._returns[restart_host] = 0.0
-        self._needs_reset = done.clone()
         obs, info, (rewards, terminated) = self._host(reward, done)  # one device-to-host copy
         rewards, terminated = rewards.astype(np.float64), terminated.astype(bool)
-        self._restart_host = terminated.copy()
+        self._needs_reset = terminated.copy()
         self._returns += rewards
         if finished is not None:
             info[EPISODE_KEY], info[f"_{EPISODE_KEY}"] = self._episode_info(finished)

@@ -261,10 +261,9 @@ class Recognizer(nn.Module):
         H = c.hidden_dim
         frames = F.dropout((frames - self.input_mean) / self.input_std, c.input_dropout,
                            self.training)
-        if c.pooled_linear:
-            state, linear_sum = state[..., :-c.num_classes], state[..., -c.num_classes:]
+        own = state[..., :-c.num_classes] if c.pooled_linear else state  # F_T's part
         if c.temporal == "lstm":
-            h, cell, total, count = state.split([H, H, H, 1], dim=-1)
+            h, cell, total, count = own.split([H, H, H, 1], dim=-1)
             gates = self.cell(torch.cat([frames, h], dim=-1))
             i, f, g, o = gates.chunk(4, dim=-1)
             cell_new = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
@@ -272,15 +271,15 @@ class Recognizer(nn.Module):
             new = torch.cat([h_new, cell_new, total + h_new, count + 1], dim=-1)
         else:
             x = self.project(frames)
-            pooled, count = state[..., :H], state[..., H:]
+            pooled, count = own[..., :H], own[..., H:]
             if c.temporal == "maxpool":
                 pooled_new = torch.where(count > 0, torch.maximum(pooled, x), x)
             else:  # meanpool and sumpool keep a running sum
                 pooled_new = pooled + x
             new = torch.cat([pooled_new, count + 1], dim=-1)
         if c.pooled_linear:
-            state = torch.cat([state, linear_sum], dim=-1)
-            new = torch.cat([new, linear_sum + F.linear(frames, self.pooled.weight)], dim=-1)
+            linear_sum = state[..., -c.num_classes:] + F.linear(frames, self.pooled.weight)
+            new = torch.cat([new, linear_sum], dim=-1)
         if mask is None:
             return new
         return torch.where(mask.unsqueeze(-1), new, state)
