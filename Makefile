@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# The pinned CPU wheel first: an unpinned torch would pull GBs of CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# BenchMARL without its declared torchvision / av<14 (see pyproject.toml)
+	$(PY) -m pip install --quiet --no-deps benchmarl==1.5.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,6 +3,10 @@
     python -m features.extract --manifest FILE [FILE ...] --out FILE.h5
         [--backbone efficientnet_lite0|resnet50] [--weights PATH] [--fps 1] [--device auto]
         [--kind auto] [--video-root DIR] [--workers 1] [--batch-size 8] [--no-resume]
+        [--engine local|ray] [--address ADDR] [--shards K] [--ray-workers N]
+
+``--engine ray`` shards the manifest over Ray actors (``features.extract_ray``) and merges
+their part files into the same file the local engine writes.
 
 Decoding runs in worker processes (a torch ``DataLoader`` over a decode dataset, in manifest
 order) while the main process runs the backbone, so decoding hides behind inference. The
@@ -269,24 +273,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kind", default="auto",
                         choices=("auto", "generic", "activitynet", "fcvid", "kinetics_sounds"))
     parser.add_argument("--video-root", default=None)
-    parser.add_argument("--workers", type=int, default=1, help="decode processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decode processes (default: 1; per Ray actor with --engine ray: 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per backbone call")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (inference)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--no-resume", action="store_true", help="start afresh")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray_args = parser.add_argument_group("Ray engine (--engine ray)")
+    ray_args.add_argument("--engine", default="local", choices=("local", "ray"),
+                          help="local: this process; ray: shards over Ray actors")
+    ray_args.add_argument("--address", default=None,
+                          help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    ray_args.add_argument("--shards", type=int, default=None,
+                          help="number of shards (default: 4 per actor, or the stored plan's)")
+    ray_args.add_argument("--ray-workers", type=int, default=None,
+                          help="extraction actors (default: one per GPU, else per CPU)")
+    ray_args.add_argument("--shard-retries", type=int, default=1,
+                          help="reruns of a shard whose worker died, in this run")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     def _terminate(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through the writer: the partial file stays valid
 
     signal.signal(signal.SIGTERM, _terminate)
+    if args.engine == "ray":
+        return _main_ray(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     summary = extract(args.manifest, args.out, backbone=args.backbone, weights=args.weights,
-                      fps=args.fps, device=args.device, workers=args.workers,
+                      fps=args.fps, device=args.device,
+                      workers=1 if args.workers is None else args.workers,
                       batch_size=args.batch_size, resume=not args.no_resume, kind=args.kind,
                       video_root=args.video_root, dtype=args.dtype, progress=not args.quiet)
+    _report(summary)
+    return 0
+
+
+def _report(summary: ExtractionSummary) -> None:
     print(f"{summary.out}: {summary.videos_written} videos written, {summary.videos_skipped} "
           f"already done, {len(summary.failed)} failed; {summary.frames} frames in "
           f"{summary.seconds:.1f}s ({summary.videos_per_s:.2f} videos/s, "
@@ -295,6 +319,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"failed files (also in {summary.out}.failed.json):", file=sys.stderr)
         for item in summary.failed:
             print(f"  {item['error']}", file=sys.stderr)
+
+
+def _main_ray(args: argparse.Namespace) -> int:
+    """``--engine ray``: run :func:`features.extract_ray.extract_ray`; an unfinished shard
+    is reported (exit status 1), its part kept for a rerun."""
+    from features.extract_ray import ShardFailure, extract_ray
+
+    try:
+        summary = extract_ray(
+            args.manifest, args.out, backbone=args.backbone, weights=args.weights, fps=args.fps,
+            device=args.device, batch_size=args.batch_size, resume=not args.no_resume,
+            kind=args.kind, video_root=args.video_root, dtype=args.dtype,
+            progress=not args.quiet, address=args.address, shards=args.shards,
+            workers=args.ray_workers, threads=args.threads,
+            decode_workers=args.workers or 0, retries=args.shard_retries)
+    except ShardFailure as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    _report(summary)
+    print(f"ray: {summary.workers} workers, {summary.shards} shards ({summary.shards_skipped} "
+          f"already done), merge {summary.merge_seconds:.1f}s")
     return 0
 
 
