@@ -54,8 +54,12 @@ test videos' locator trajectories per strategy, ``benchmarks.figure_data``) and 
 them with ``python -m benchmarks.plots DIR``). Checkpoints and TensorBoard logs go to
 ``DIR/train`` (``--resume`` continues them; the run's hparams under ``DIR/train/tb/hparams``).
 ``--sweep lambda`` (ViMo Table 3) / ``--sweep locators`` (Table 1a) / ``--sweep max_moves``
-(Figure 3, default values 3,4,5,6) run the whole pipeline per value under
-``DIR/sweep-<name>-<value>`` and add a sweep table (``sweep`` in results.json).
+(Figure 3, default values 3,4,5,6) run the pipeline per value under
+``DIR/sweep-<name>-<value>`` and add a sweep table (``sweep`` in results.json). Stage I does
+not depend on lambda or on the max moves (it trains on random-25 frames of each locator's
+segment), so those sweeps start from the main run's Stage I (copied; lambda set to the swept
+value) and train Stages II-III only; a locator sweep trains everything per value. The value
+the main run used is not trained again: its row is the main run's.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ import ast
 import csv
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, fields
@@ -127,6 +132,29 @@ SWEEPS: dict[str, tuple[str, type, str]] = {
     "locators": ("num_locators", int, "1,2,3,4"),
     "max_moves": ("max_moves", int, "3,4,5,6"),
 }
+# swept fields that Stage I does not read: their sweeps start from the main run's Stage I
+STAGE1_INDEPENDENT = ("frame_cost", "max_moves")
+
+
+def reuse_stage1(main_train: Path, sweep_train: Path, frame_cost: float | None) -> None:
+    """Copy the main run's finished Stage I into a sweep run (once; a resumed sweep keeps its
+    own), with lambda set to ``frame_cost`` when given (the rule's value otherwise)."""
+    src, dst = main_train / "stage1", sweep_train / "stage1"
+    if (dst / "done.json").is_file():
+        return
+    if not (src / "done.json").is_file():
+        raise FileNotFoundError(f"{src}: the main run's Stage I is not finished")
+    if dst.exists():
+        shutil.rmtree(dst)
+    staging = dst.with_name("stage1.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(src, staging)
+    if frame_cost is not None:
+        record = json.loads((staging / "done.json").read_text())
+        record["frame_cost"] = {"value": float(frame_cost), "rule": "given"}
+        write_text_atomic(staging / "done.json", json.dumps(record, indent=2))
+    staging.rename(dst)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -548,8 +576,16 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
         values = [kind(v) for v in (args.sweep_values or default).split(",")]
         sweep = []
         for value in values:
+            if value == getattr(args, field):  # the main run is this value's run
+                sweep.append({"sweep": args.sweep, "value": value, **result["rows"][0].row()})
+                continue
             sub = argparse.Namespace(**{**vars(args), field: value})  # (not a dataclass)
-            res = run_once(sub, path, budget, out / f"sweep-{args.sweep}-{value}")
+            sub_out = out / f"sweep-{args.sweep}-{value}"
+            if field in STAGE1_INDEPENDENT:
+                reuse_stage1(out / "train", sub_out / "train",
+                             frame_cost=value if field == "frame_cost" else None)
+                sub.resume = True  # continue from the copied Stage I
+            res = run_once(sub, path, budget, sub_out)
             adaptive = res["rows"][0]
             sweep.append({"sweep": args.sweep, "value": value, **adaptive.row()})
         sweep_s = time.perf_counter() - t_sweep

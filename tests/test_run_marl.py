@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -430,6 +431,12 @@ def test_sweep_max_moves_runs_each_value_and_draws_figure_3(run_marl, full_run, 
 
     def fake_run_once(args, path, budget, sub_out):
         seen.append((args.max_moves, sub_out))
+        if sub_out == tmp_path:  # the main run: its finished Stage I is the full run's
+            shutil.copytree(out / "train" / "stage1", tmp_path / "train" / "stage1")
+        else:  # a sweep run starts from a copy of it and resumes there
+            assert args.resume
+            assert (sub_out / "train" / "stage1" / "done.json").read_text() == (
+                out / "train" / "stage1" / "done.json").read_text()
         return fake(args, path, budget, sub_out)
 
     monkeypatch.setattr(run_marl, "run_once", fake_run_once)
@@ -440,9 +447,13 @@ def test_sweep_max_moves_runs_each_value_and_draws_figure_3(run_marl, full_run, 
     # --no-peers: no peer rows, no peers record, no glance stand-in built
     assert not PEERS & {p["name"] for p in swept["policies"]} and "peers" not in swept
     assert not (tmp_path / "data").exists() and not (tmp_path / "train" / "peers").exists()
-    assert [m for m, _ in seen] == [4, 3, 4, 5, 6]
-    assert [p.name for _, p in seen[1:]] == [f"sweep-max_moves-{m}" for m in (3, 4, 5, 6)]
+    # m = 4 is the main run's own value: its row is the main run's, not trained again
+    assert [m for m, _ in seen] == [4, 3, 5, 6]
+    assert [p.name for _, p in seen[1:]] == [f"sweep-max_moves-{m}" for m in (3, 5, 6)]
     assert [s["value"] for s in swept["sweep"]] == [3, 4, 5, 6]
+    main_adaptive = swept["policies"][0]
+    assert main_adaptive["name"] == swept["sweep"][1]["name"]
+    assert swept["sweep"][1]["mAP"] == main_adaptive["mAP"]
     assert all(s["sweep"] == "max_moves" for s in swept["sweep"])
     png = tmp_path / "sweep_max_moves.png"
     assert 5_000 < png.stat().st_size < 300_000
@@ -450,6 +461,19 @@ def test_sweep_max_moves_runs_each_value_and_draws_figure_3(run_marl, full_run, 
 
     info = plots.draw_all(tmp_path, tmp_path / "again")["sweep_max_moves.png"]
     assert info["values"] == [3, 4, 5, 6] and info["panels"] in (1, 2)
+
+
+def test_lambda_sweep_reuses_stage1_with_the_swept_lambda(run_marl, full_run, tmp_path):
+    out, _ = full_run
+    with pytest.raises(FileNotFoundError, match="not finished"):
+        run_marl.reuse_stage1(tmp_path / "nothing", tmp_path / "sweep", frame_cost=0.5)
+    run_marl.reuse_stage1(out / "train", tmp_path / "sweep" / "train", frame_cost=0.25)
+    copied = json.loads((tmp_path / "sweep" / "train" / "stage1" / "done.json").read_text())
+    original = json.loads((out / "train" / "stage1" / "done.json").read_text())
+    assert copied["frame_cost"] == {"value": 0.25, "rule": "given"}
+    assert {k: v for k, v in copied.items() if k != "frame_cost"} == {
+        k: v for k, v in original.items() if k != "frame_cost"}
+    assert not (tmp_path / "sweep" / "train" / "stage1.partial").exists()
 
 
 def test_resume_loads_finished_peers(run_marl, full_run, tiny_dataset, tmp_path, monkeypatch):
