@@ -91,6 +91,7 @@ import torch
 from agents.evaluate import EvalResult, evaluate_policy
 from agents.metrics import mean_true_class_probability
 from agents.policies import LocatorPolicy, PolicyFlops, as_policy
+from features.atomic import write_text_atomic
 from features.source import CachedFrameSource
 from vimo_env.core import NUM_ACTIONS
 from vimo_env.costs import count_flops
@@ -220,7 +221,7 @@ def stage1_recognizer(args: Args, progress: bool = False) -> tuple[Path, float |
             raise ValueError(f"{folder}: its Stage I was trained with other settings "
                              f"({', '.join(changed)}); use another --out or delete that folder")
     folder.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(settings, indent=2))
+    write_text_atomic(stamp, json.dumps(settings, indent=2))
     trainer = ThreeStageTrainer(args.dataset, config, folder, progress=progress)
     artifacts = trainer.stage1(resume=True)
     return artifacts.recognizer, trainer.frame_cost
@@ -555,8 +556,8 @@ class RLlibLocatorPolicy(LocatorPolicy):
         path = Path(path)
         for mid, module in self.modules.items():
             module.save_to_path(str((path / mid).resolve()))
-        (path / "policy.json").write_text(json.dumps({"policies": self.policies,
-                                                      "modules": sorted(self.modules)}))
+        write_text_atomic(path / "policy.json", json.dumps({"policies": self.policies,
+                                                            "modules": sorted(self.modules)}))
         return path
 
     @classmethod
@@ -672,7 +673,7 @@ def run(args: Args) -> dict:
                "ray": {"address": args.address or os.environ.get("RAY_ADDRESS"),
                        "local_temp_dir": session["temp_dir"]},
                "training": history, "test": rows, "wall_time_s": time.perf_counter() - t0}
-    (out / "rllib_ppo.json").write_text(json.dumps(payload, indent=2))
+    write_text_atomic(out / "rllib_ppo.json", json.dumps(payload, indent=2))
     return payload
 
 

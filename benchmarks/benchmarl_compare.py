@@ -26,7 +26,8 @@ Usage::
 Prints the table (test mAP, top-1, frames per video, GFLOPs per video, training wall time) and
 writes ``DIR/benchmarl_compare.json`` atomically (default ``DIR``:
 ``results/benchmarl_compare/<dataset>-<env steps>``; Stage I is cached under
-``DIR/../<dataset>-stage1`` and reused by other budgets). Progress bars only on a terminal.
+``DIR/../<dataset>-stage1-seed<S>`` and reused by runs with other ``--env-steps``). Progress
+bars only on a terminal.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.extract_throughput import make_videos  # noqa: E402
+from features.atomic import write_text_atomic  # noqa: E402
 from features.extract_ray import extract_ray  # noqa: E402
 
 
@@ -107,7 +108,7 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(out, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

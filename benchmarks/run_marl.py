@@ -582,6 +582,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
             sub = argparse.Namespace(**{**vars(args), field: value})  # (not a dataclass)
             sub_out = out / f"sweep-{args.sweep}-{value}"
             if field in STAGE1_INDEPENDENT:
+                if not args.resume:  # a fresh run: nothing of an earlier sweep is kept
+                    shutil.rmtree(sub_out / "train", ignore_errors=True)
                 reuse_stage1(out / "train", sub_out / "train",
                              frame_cost=value if field == "frame_cost" else None)
                 sub.resume = True  # continue from the copied Stage I

@@ -292,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ray_args.add_argument("--shard-retries", type=int, default=1,
                           help="reruns of a shard whose worker died, in this run")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--shards", args.shards, 1), ("--ray-workers", args.ray_workers, 1),
+                               ("--shard-retries", args.shard_retries, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
 
     def _terminate(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through the writer: the partial file stays valid

@@ -9,9 +9,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("benchmarl")
-
 from benchmarl.experiment.callback import Callback  # noqa: E402
 
 from agents.benchmarl_task import (  # noqa: E402

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("ray")
-
 from features.extract import extract, main  # noqa: E402
 from features.extract_ray import (  # noqa: E402
     ShardFailure,
