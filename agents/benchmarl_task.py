@@ -75,7 +75,7 @@ from torchrl.envs import EnvBase
 
 from agents.evaluate import EvalResult, evaluate_policy
 from agents.policies import LocatorPolicy, PolicyFlops
-from agents.trainer import ThreeStageTrainer, TrainerConfig, source_for
+from agents.trainer import TINY_STAGE1, ThreeStageTrainer, TrainerConfig, source_for
 from vimo_env.core import NUM_ACTIONS
 from vimo_env.recognizer import Recognizer
 
@@ -256,13 +256,6 @@ class VideoLocatorsTask(Task):
 
 
 # ----------------------------------------------------------------------------- datasets
-# Stage I recipe of the tiny preset: the Stage I part of benchmarks/run_marl.py's
-# BUDGETS["tiny"] (a smoke budget: small networks; tests/test_benchmarl.py checks they agree)
-TINY_STAGE1: dict[str, Any] = dict(
-    stage1_steps=300, stage1_lr=3e-3, allow_unhealthy_stage1=True,
-    recognizer=dict(hidden_dim=32, transformer_layers=1, transformer_dim=32,
-                    transformer_ff_dim=64, forward_dim=64),
-)
 
 
 @dataclass(frozen=True)

@@ -111,13 +111,8 @@ CRITIC_MODES = ("local", "central")
 SHARED_MODULE = "shared"
 MASKED_LOGIT = -1e9  # logit of an illegal action: probability exp(-1e9) = 0, finite gradients
 # Stage I budgets: "default" is the package's one recipe (agents.trainer.TrainerConfig);
-# "tiny" is the shrink of benchmarks/run_marl.py --budget tiny (a smoke budget)
-STAGE1_BUDGETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "tiny": dict(stage1_steps=300, stage1_lr=3e-3, allow_unhealthy_stage1=True,
-                 recognizer=dict(hidden_dim=32, transformer_layers=1, transformer_dim=32,
-                                 transformer_ff_dim=64, forward_dim=64)),
-}
+# "tiny" is agents.trainer.TINY_STAGE1, as in benchmarks/run_marl.py --budget tiny
+STAGE1_BUDGETS = ("default", "tiny")
 
 
 @dataclass
@@ -160,7 +155,7 @@ class Args:
         if self.critic not in CRITIC_MODES:
             raise ValueError(f"Args.critic must be one of {CRITIC_MODES}, got {self.critic!r}")
         if self.budget not in STAGE1_BUDGETS:
-            raise ValueError(f"Args.budget must be one of {tuple(STAGE1_BUDGETS)}, got "
+            raise ValueError(f"Args.budget must be one of {STAGE1_BUDGETS}, got "
                              f"{self.budget!r}")
         for name, low in (("env_runners", 0), ("envs_per_runner", 1), ("iterations", 0),
                           ("train_batch_size", 1), ("minibatch_size", 1), ("num_epochs", 1),
@@ -201,9 +196,9 @@ def stage1_recognizer(args: Args, progress: bool = False) -> tuple[Path, float |
     """
     if args.recognizer is not None:
         return Path(args.recognizer), None
-    from agents.trainer import ThreeStageTrainer, TrainerConfig
+    from agents.trainer import TINY_STAGE1, ThreeStageTrainer, TrainerConfig
 
-    values = dict(STAGE1_BUDGETS[args.budget])
+    values = dict(TINY_STAGE1) if args.budget == "tiny" else {}
     if args.stage1_steps is not None:
         values["stage1_steps"] = args.stage1_steps
     # frame_cost=None: Stage I derives lambda from the data (``--frame-cost`` overrides it later)
@@ -717,7 +712,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
                    help="lambda of Eq. 6 (default: Stage I's data-derived value)")
     p.add_argument("--recognizer", default=None, help="a Recognizer checkpoint (.pt); "
                    "default: Stage I, cached under OUT/recognizer")
-    p.add_argument("--budget", choices=tuple(STAGE1_BUDGETS), default=f["budget"],
+    p.add_argument("--budget", choices=STAGE1_BUDGETS, default=f["budget"],
                    help="Stage I budget when it runs")
     p.add_argument("--stage1-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=f["seed"])

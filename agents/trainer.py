@@ -58,6 +58,16 @@ from vimo_env.recognizer import Recognizer
 SELECTION_METRICS = ("p_gt", "mAP")
 
 
+# Stage I of the tiny smoke budget (small networks, a few hundred steps; on 72 train videos
+# it may fall short of the probe, so the self-check reports but does not stop it). One recipe
+# for benchmarks/run_marl.py --budget tiny and the RLlib / BenchMARL front-ends.
+TINY_STAGE1: dict[str, Any] = dict(
+    stage1_steps=300, stage1_lr=3e-3, allow_unhealthy_stage1=True,
+    recognizer=dict(hidden_dim=32, transformer_layers=1, transformer_dim=32,
+                    transformer_ff_dim=64, forward_dim=64),
+)
+
+
 @dataclass
 class TrainerConfig:
     """Everything the three stages need. The defaults are one recipe for every dataset: nothing

@@ -91,6 +91,7 @@ from agents.evaluate import (  # noqa: E402
 from agents.policies import CTDEActorPolicy  # noqa: E402
 from agents.trainer import (  # noqa: E402
     SELECTION_METRICS,
+    TINY_STAGE1,
     SettingsMismatch,
     Stage1Unhealthy,
     ThreeStageTrainer,
@@ -112,14 +113,10 @@ from vimo_env.recognizer import INTEGRATION_VARIANTS, TEMPORAL_VARIANTS, Recogni
 # only shrinks networks and step counts for tests and smoke runs. No dataset has its own budget.
 BUDGETS: dict[str, dict] = {
     "default": {},
-    # a smoke budget: its 32-wide recognizer may fall short of the probe on 72 train videos,
-    # so the self-check reports but does not stop it
+    # a smoke budget (agents.trainer.TINY_STAGE1 for Stage I)
     "tiny": dict(
-        stage1_steps=300, stage1_lr=3e-3, allow_unhealthy_stage1=True, stage2_env_steps=1024,
-        stage3_rounds=1, finetune_epochs=1,
+        **TINY_STAGE1, stage2_env_steps=1024, stage3_rounds=1, finetune_epochs=1,
         stage3_env_steps=512, rollout_batch_size=256, stage3_critic_warmup=8,
-        recognizer=dict(hidden_dim=32, transformer_layers=1, transformer_dim=32,
-                        transformer_ff_dim=64, forward_dim=64),
         sac=dict(actor_hidden=(64, 64), critic_hidden=(64, 64), num_envs=32,
                  collect_env_steps=128, epoch_env_steps=512, warmup_env_steps=128,
                  batch_size=64, updates_per_env_step=0.05),

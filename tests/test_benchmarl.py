@@ -113,13 +113,6 @@ def test_task_config_validation_and_yaml(prepared, tmp_path):
         VideoLocatorsTask.TINY.get_from_yaml(str(bad))
 
 
-def test_tiny_stage1_recipe_is_run_marls():
-    from benchmarks.run_marl import BUDGETS
-
-    for key, value in TINY_STAGE1.items():
-        assert BUDGETS["tiny"][key] == value, key
-
-
 def test_experiment_config_rounds_to_whole_collections(tmp_path):
     config = experiment_config(SCHEDULE, 300, on_policy=False, save_folder=tmp_path)
     assert config.max_n_frames == 384 and config.off_policy_n_optimizer_steps == 32
