@@ -75,9 +75,7 @@ import argparse
 import dataclasses
 import json
 import os
-import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +90,7 @@ from agents.evaluate import EvalResult, evaluate_policy
 from agents.metrics import mean_true_class_probability
 from agents.policies import LocatorPolicy, PolicyFlops, as_policy
 from features.atomic import write_text_atomic
+from features.ray_session import RaySession
 from features.source import CachedFrameSource
 from vimo_env.core import NUM_ACTIONS
 from vimo_env.costs import count_flops
@@ -416,8 +415,6 @@ def build_config(args: Args, recognizer: str | os.PathLike, frame_cost: float) -
 
 
 # ------------------------------------------------------------------ 5. Ray
-AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-_PROCESS_TOKEN = secrets.token_hex(32)  # the token of local clusters this process starts
 # Ray worker processes (EnvRunners): one thread each, and a fixed string hash seed, since
 # RLlib 2.60 orders the agents of a step by iterating a set of their ids (so the pairing of
 # sampled actions with agents follows the process's hash seed); the driver's learner does the
@@ -426,75 +423,19 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": 
 
 
 def init_ray(address: str | None = None, log_to_driver: bool = False,
-             num_cpus: int | None = None) -> dict:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local one in a fresh
-    temporary directory, without the dashboard, declaring ``num_cpus`` logical CPUs (default:
-    the machine's; each EnvRunner asks for one, so ask for at least ``--env-runners`` to run
-    more runners than cores). Returns what :func:`shutdown_ray` undoes.
-
-    When this process is already connected (``ray.is_initialized()``) that session is used
-    and :func:`shutdown_ray` leaves it up. A new local cluster keeps Ray 2.60's default token
-    authentication, with a random token held in this process's environment (``RAY_AUTH_TOKEN``,
-    inherited by Ray's processes, removed at shutdown) instead of the
-    ``~/.ray/auth_token`` file Ray would otherwise write; a caller's ``RAY_AUTH_*`` settings
-    are used as they are.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return {"temp_dir": None, "env": {}, "owned": False}
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env = {"env_vars": WORKER_ENV}
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
-        return {"temp_dir": None, "env": {}, "owned": True}
-    saved = {}
-    if not any(v in os.environ for v in AUTH_VARS):
-        # Ray then enables token mode itself (setting RAY_AUTH_MODE, restored at shutdown)
-        saved = {"RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN": None}
-        os.environ["RAY_AUTH_TOKEN"] = _PROCESS_TOKEN
-        _reload_auth_token()
-    # a short path: Ray's socket names must stay under the 107-byte limit
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    try:
-        ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=log_to_driver,
-                 runtime_env=runtime_env, configure_logging=False, num_cpus=num_cpus)
-    except BaseException:
-        shutdown_ray({"temp_dir": temp_dir, "env": saved, "owned": True})
-        raise
-    return {"temp_dir": temp_dir, "env": saved, "owned": True}
+             num_cpus: int | None = None) -> RaySession:
+    """Ray up for training (:class:`features.ray_session.RaySession`: the cluster at
+    ``address`` / ``RAY_ADDRESS``, else a private local one with ``num_cpus`` logical CPUs,
+    default the machine's; each EnvRunner asks for one, so ask for at least ``--env-runners``
+    to run more runners than cores), its workers started with :data:`WORKER_ENV`. Undo it with
+    :func:`shutdown_ray`."""
+    return RaySession(address, num_cpus, log_to_driver=log_to_driver,
+                      runtime_env={"env_vars": WORKER_ENV}, configure_logging=False).start()
 
 
-def _reload_auth_token() -> None:
-    """Make this process's Ray driver read the token now in the environment: Ray 2.60 caches
-    the first token it loads, which may be another one if other code in this process started
-    (or will start) a local cluster with its own token."""
-    try:
-        from ray._raylet import AuthenticationTokenLoader
-
-        AuthenticationTokenLoader.instance().reset_cache()
-    except (ImportError, AttributeError):  # pragma: no cover - other Ray versions
-        pass
-
-
-def shutdown_ray(session: dict) -> None:
-    """``ray.shutdown()``, then remove the local cluster's directory and restore the env."""
-    import shutil
-
-    import ray
-
-    if not session.get("owned", True):
-        return
-    ray.shutdown()
-    if session.get("temp_dir"):
-        shutil.rmtree(session["temp_dir"], ignore_errors=True)
-    for name, value in session.get("env", {}).items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    if session.get("env"):
-        _reload_auth_token()  # forget our token: a later cluster of this process has its own
+def shutdown_ray(session: RaySession) -> None:
+    """Shut down what :func:`init_ray` started; remove its folder and token."""
+    session.stop()
 
 
 def build_algorithm(config: Any, out: str | os.PathLike) -> Any:
@@ -666,7 +607,7 @@ def run(args: Args) -> dict:
                         for k, v in dataclasses.asdict(args).items()},
                "recognizer": str(checkpoint), "frame_cost": frame_cost,
                "ray": {"address": args.address or os.environ.get("RAY_ADDRESS"),
-                       "local_temp_dir": session["temp_dir"]},
+                       "local_temp_dir": session.temp_dir},
                "training": history, "test": rows, "wall_time_s": time.perf_counter() - t0}
     write_text_atomic(out / "rllib_ppo.json", json.dumps(payload, indent=2))
     return payload

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import socket
-import tempfile
 import time
 import warnings
 from collections import deque
@@ -66,6 +64,7 @@ from features.extract import (
     extract_frames,
 )
 from features.manifests import ManifestEntry, load_manifests
+from features.ray_session import RaySession
 from features.store import FeatureStore, FeatureStoreError, FeatureWriter
 
 PLAN_FORMAT = "vimo-features-shards"
@@ -73,8 +72,6 @@ PLAN_VERSION = 1
 #: default shards per extraction actor: enough to balance uneven videos, few enough that the
 #: per-shard cost (a part file to open, close and merge) stays negligible
 SHARDS_PER_WORKER = 4
-# Ray's socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must fit in 107 bytes.
-_MAX_TEMP_ROOT = 40
 
 
 class ShardFailure(RuntimeError):
@@ -306,93 +303,6 @@ def merge_parts(target: Path, sources: Sequence[Path], order: Sequence[str]) -> 
 # -- Ray cluster ----------------------------------------------------------------------------
 
 
-def _short_temp_root() -> str:
-    """A folder for Ray's session files whose socket paths stay within the unix limit."""
-    for candidate in (tempfile.gettempdir(), "/tmp"):
-        if len(candidate) <= _MAX_TEMP_ROOT and os.access(candidate, os.W_OK):
-            return candidate
-    raise RuntimeError(f"no writable temporary folder shorter than {_MAX_TEMP_ROOT} characters "
-                       "for Ray's sockets; set TMPDIR to a short path or pass --address")
-
-
-def ray_init_kwargs(address: str | None, num_cpus: int, environ: dict[str, str] | None = None
-                    ) -> dict[str, Any]:
-    """Arguments of ``ray.init``: connect to ``address`` / ``RAY_ADDRESS`` when given, else
-    start a local cluster (no dashboard; ``_temp_dir`` is filled in by the caller)."""
-    env = os.environ if environ is None else environ
-    address = address or env.get("RAY_ADDRESS") or None
-    if address and address != "local":
-        return {"address": address}
-    return {"address": "local", "num_cpus": int(num_cpus), "include_dashboard": False}
-
-
-_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-_TOKEN: list[str] = []
-
-
-def _process_token() -> str:
-    """This process's auth token for the local clusters it starts (made once)."""
-    if not _TOKEN:
-        _TOKEN.append(secrets.token_hex(32))
-    return _TOKEN[0]
-
-
-class _RaySession:
-    """``with _RaySession(address, num_cpus):`` Ray is up inside; what we started goes after.
-
-    A new local cluster gets token auth (Ray 2.60's default) with a fresh token held in this
-    process's environment (``RAY_AUTH_TOKEN``, inherited by the raylet and the workers Ray
-    spawns) instead of the ``~/.ray/auth_token`` file Ray would otherwise write; a caller's
-    ``RAY_AUTH_*`` setting is left as it is, ours is removed again on exit.
-    """
-
-    def __init__(self, address: str | None, num_cpus: int) -> None:
-        self.kwargs = ray_init_kwargs(address, num_cpus)
-        self.temp_dir: str | None = None
-        self.started = False
-        self._saved_env: dict[str, str | None] = {}
-
-    def __enter__(self) -> _RaySession:
-        import ray
-
-        if ray.is_initialized():
-            return self  # the caller's Ray (e.g. inside a Ray program): leave it alone
-        kwargs = dict(self.kwargs)
-        if kwargs["address"] == "local":
-            self.temp_dir = tempfile.mkdtemp(prefix="ray", dir=_short_temp_root())
-            kwargs["_temp_dir"] = self.temp_dir
-            if not any(name in os.environ for name in _AUTH_VARS):
-                # Ray itself then sets RAY_AUTH_MODE=token (and refreshes its config): both go
-                # on exit. One token per process: Ray's C++ side caches the first it reads.
-                self._saved_env = dict.fromkeys(_AUTH_VARS)
-                os.environ["RAY_AUTH_TOKEN"] = _process_token()
-        try:
-            ray.init(**kwargs)
-        except BaseException:
-            self._cleanup()
-            raise
-        self.started = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import ray
-
-        if self.started:
-            ray.shutdown()
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        if self.temp_dir is not None:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-            self.temp_dir = None
-        for name, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self._saved_env = {}
-
-
 # -- driver ---------------------------------------------------------------------------------
 
 
@@ -478,7 +388,7 @@ def extract_ray(
         return summary
 
     cpus_per_worker = threads + int(decode_workers)
-    with _RaySession(address, max(os.cpu_count() or 1, (workers or 1) * cpus_per_worker)):
+    with RaySession(address, max(os.cpu_count() or 1, (workers or 1) * cpus_per_worker)):
         import ray
 
         gpus = float(ray.cluster_resources().get("GPU", 0))

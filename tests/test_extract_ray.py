@@ -16,13 +16,12 @@ import pytest
 from features.extract import extract, main  # noqa: E402
 from features.extract_ray import (  # noqa: E402
     ShardFailure,
-    _RaySession,
     extract_ray,
     part_name,
     plan_shards,
-    ray_init_kwargs,
 )
 from features.manifests import ManifestEntry  # noqa: E402
+from features.ray_session import RaySession, ray_init_kwargs  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from features.video_writer import write_video  # noqa: E402
 
@@ -61,7 +60,7 @@ def ray_cluster():
 
     if ray.is_initialized():
         pytest.skip("another test left Ray initialized")
-    session = _RaySession(None, num_cpus=2)
+    session = RaySession(None, num_cpus=2)
     with session:
         assert session.temp_dir is not None and len(session.temp_dir) <= 40
         assert ray.cluster_resources()["CPU"] == 2
