@@ -190,8 +190,8 @@ def stage1_recognizer(args: Args, progress: bool = False) -> tuple[Path, float |
     """The recognizer checkpoint behind the env and the lambda Stage I derived from the data.
 
     ``args.recognizer`` if given (lambda then unknown: None); else Stage I with the package's
-    trainer in ``OUT/recognizer`` (:meth:`ThreeStageTrainer.stage1`, reused when its
-    ``done.json`` is there).
+    trainer in ``OUT/recognizer`` (``ThreeStageTrainer.run(resume=True, stop_after="I")``:
+    reused when finished; other data or settings there raise ``SettingsMismatch``).
     """
     if args.recognizer is not None:
         return Path(args.recognizer), None
@@ -204,21 +204,11 @@ def stage1_recognizer(args: Args, progress: bool = False) -> tuple[Path, float |
     config = TrainerConfig(num_locators=args.num_locators, max_moves=args.max_moves,
                            stride=args.stride, frame_cost=None, seed=args.seed, device="cpu",
                            **values)
-    folder = Path(args.out) / "recognizer"
-    # the cache is valid only for the same data and Stage I settings
-    settings = {"dataset": str(Path(args.dataset).resolve()), **dataclasses.asdict(config)}
-    stamp = folder / "rllib_stage1.json"
-    if stamp.is_file():
-        saved = json.loads(stamp.read_text())
-        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(f"{folder}: its Stage I was trained with other settings "
-                             f"({', '.join(changed)}); use another --out or delete that folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stamp, json.dumps(settings, indent=2))
-    trainer = ThreeStageTrainer(args.dataset, config, folder, progress=progress)
-    artifacts = trainer.stage1(resume=True)
-    return artifacts.recognizer, trainer.frame_cost
+    # the trainer's own resume check refuses a cached Stage I of other data or settings
+    trainer = ThreeStageTrainer(args.dataset, config, Path(args.out) / "recognizer",
+                                progress=progress)
+    (stage1,) = trainer.run(resume=True, stop_after="I")
+    return stage1.recognizer, trainer.frame_cost
 
 
 # ------------------------------------------------------------------ 2. the env
@@ -477,8 +467,11 @@ class RLlibLocatorPolicy(LocatorPolicy):
                    action_mask: torch.Tensor, step: int) -> torch.Tensor:
         obs = observation.float().cpu()
         mask = action_mask.float().cpu()
-        actions = torch.stack([masked_logits(self._actor(i)(obs[:, i]), mask[:, i]).argmax(-1)
-                               for i in range(obs.shape[1])], dim=1)
+        if self.policies == "shared":  # one batched pass over [B, N, D]
+            logits = self.actors[SHARED_MODULE](obs)
+        else:  # one module per locator
+            logits = torch.stack([self._actor(i)(obs[:, i]) for i in range(obs.shape[1])], 1)
+        actions = masked_logits(logits, mask).argmax(-1)
         return torch.where(alive.cpu(), actions, torch.zeros_like(actions))
 
     def inference_flops(self, observation: torch.Tensor, alive: torch.Tensor) -> PolicyFlops:

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +124,25 @@ def extract_frames(backbone: Backbone, frames: np.ndarray, batch_size: int) -> n
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, backbone.feature_dim), np.float32)
 
 
+def extract_videos(writer: FeatureWriter, net: Backbone, pending: Sequence[ManifestEntry],
+                   fps: float, batch_size: int, workers: int
+                   ) -> Iterator[tuple[int, dict[str, str] | None]]:
+    """The per-video loop of both engines (the local one and each Ray shard): decode
+    ``pending`` in order (``workers`` processes), extract, add to ``writer`` and flush (a
+    crash loses at most the video in flight). One write sequence for both, which is what
+    makes their files byte-for-byte equal. Yields ``(frames, None)`` per video written and
+    ``(0, failure)`` per video that failed to decode (nothing written)."""
+    for index, frames, error in decode_loader(DecodeDataset(pending, fps), workers=workers):
+        entry = pending[index]
+        if error is not None:
+            yield 0, {"video_id": entry.video_id, "path": str(entry.path), "error": error}
+            continue
+        writer.add(entry.video_id, extract_frames(net, frames, batch_size), entry.label,
+                   entry.split)
+        _flush(writer)
+        yield len(frames), None
+
+
 def _open_writer(out: Path, backbone: Backbone, class_names: list[str], fps: float,
                  resume: bool, dtype: str) -> FeatureWriter:
     partial = out.with_name(out.name + ".partial")
@@ -203,21 +222,16 @@ def extract(
     with _open_writer(out, net, class_names, fps, resume, dtype) as writer:
         pending = [e for e in entries if e.video_id not in writer]
         summary.videos_skipped = len(entries) - len(pending)
-        loader = decode_loader(DecodeDataset(pending, fps), workers=workers)
         bar = tqdm(total=len(pending), unit="video", desc=f"extract {out.name}",
                    disable=not progress, dynamic_ncols=True)
         with bar:
-            for index, frames, error in loader:
-                entry = pending[index]
-                if error is not None:
-                    summary.failed.append({"video_id": entry.video_id, "path": str(entry.path),
-                                           "error": error})
+            for frames, failure in extract_videos(writer, net, pending, fps, batch_size,
+                                                  workers):
+                if failure is not None:
+                    summary.failed.append(failure)
                 else:
-                    feats = extract_frames(net, frames, batch_size)
-                    writer.add(entry.video_id, feats, entry.label, entry.split)
-                    _flush(writer)
                     summary.videos_written += 1
-                    summary.frames += len(frames)
+                    summary.frames += frames
                     if first_written is None:
                         first_written, first_frames = time.perf_counter(), summary.frames
                     if stop_after and summary.videos_written >= stop_after:

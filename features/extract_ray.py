@@ -53,15 +53,13 @@ from features.atomic import write_text_atomic
 from features.backbones import BACKBONES, Backbone
 from features.extract import (
     _STOP_AFTER_ENV,
-    DecodeDataset,
     ExtractionSummary,
     _crash,
     _flush,
     _open_writer,
     _write_failed,
-    decode_loader,
     extract,
-    extract_frames,
+    extract_videos,
 )
 from features.manifests import ManifestEntry, load_manifests
 from features.ray_session import RaySession
@@ -203,8 +201,9 @@ def extract_shard(
 ) -> ShardResult:
     """Extract ``entries`` into the part file ``part`` (resuming its ``.partial``).
 
-    The same per-video loop as the local engine. The failure list is written (atomically)
-    before the part is renamed to its final name, so a complete part always has one.
+    The local engine's per-video loop (:func:`features.extract.extract_videos`). The failure
+    list is written (atomically) before the part is renamed to its final name, so a complete
+    part always has one.
     ``stop_after`` > 0 is the test hook: hard-exit after writing that many videos.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -212,18 +211,13 @@ def extract_shard(
     with _open_writer(part, net, list(class_names), fps, True, dtype) as writer:
         pending = [e for e in entries if e.video_id not in writer]
         result.skipped = len(entries) - len(pending)
-        loader = decode_loader(DecodeDataset(pending, fps), workers=decode_workers)
-        for i, frames, error in loader:
-            entry = pending[i]
-            if error is not None:
-                result.failed.append({"video_id": entry.video_id, "path": str(entry.path),
-                                      "error": error})
+        for frames, failure in extract_videos(writer, net, pending, fps, batch_size,
+                                              decode_workers):
+            if failure is not None:
+                result.failed.append(failure)
                 continue
-            writer.add(entry.video_id, extract_frames(net, frames, batch_size), entry.label,
-                       entry.split)
-            _flush(writer)
             result.written += 1
-            result.frames += len(frames)
+            result.frames += frames
             if stop_after and result.written >= stop_after:
                 _crash()
         write_text_atomic(_failed_path(part), json.dumps(result.failed, indent=1))
@@ -298,9 +292,6 @@ def merge_parts(target: Path, sources: Sequence[Path], order: Sequence[str]) -> 
         for store in stores:
             store.close()
     return len(order)
-
-
-# -- Ray cluster ----------------------------------------------------------------------------
 
 
 # -- driver ---------------------------------------------------------------------------------

@@ -11,25 +11,13 @@ import pytest
 
 from features.extract import extract
 from features.store import FeatureStore
-from features.video_writer import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("extract")
-    (folder / "videos").mkdir()
-    rng = np.random.default_rng(0)
-    rows = ["path,label,split"]
-    for i in range(5):
-        frames = rng.integers(0, 256, (10 * (2 + i % 3), 48, 64, 3), dtype=np.uint8)
-        write_video(folder / "videos" / f"v{i}.mp4", frames, fps=10, keyframe_interval=10)
-        rows.append(f"videos/v{i}.mp4,{'ab'[i % 2]},{'train' if i < 4 else 'val'}")
-    (folder / "videos" / "broken.mp4").write_bytes(b"not a video" * 50)
-    rows.insert(3, "videos/broken.mp4,a,train")
-    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return folder
+def dataset(extract_clips):
+    return extract_clips
 
 
 def _cli(dataset: Path, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:

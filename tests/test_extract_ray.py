@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from features.extract import extract, main  # noqa: E402
@@ -23,25 +22,11 @@ from features.extract_ray import (  # noqa: E402
 from features.manifests import ManifestEntry  # noqa: E402
 from features.ray_session import RaySession, ray_init_kwargs  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
-from features.video_writer import write_video  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """5 small H.264 clips (2-4 s) and a broken file, manifest order v0 v1 broken v2 v3 v4
-    (the videos of tests/test_extract.py)."""
-    folder = tmp_path_factory.mktemp("extract_ray")
-    (folder / "videos").mkdir()
-    rng = np.random.default_rng(0)
-    rows = ["path,label,split"]
-    for i in range(5):
-        frames = rng.integers(0, 256, (10 * (2 + i % 3), 48, 64, 3), dtype=np.uint8)
-        write_video(folder / "videos" / f"v{i}.mp4", frames, fps=10, keyframe_interval=10)
-        rows.append(f"videos/v{i}.mp4,{'ab'[i % 2]},{'train' if i < 4 else 'val'}")
-    (folder / "videos" / "broken.mp4").write_bytes(b"not a video" * 50)
-    rows.insert(3, "videos/broken.mp4,a,train")
-    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return folder
+def dataset(extract_clips):
+    return extract_clips
 
 
 @pytest.fixture(scope="module")

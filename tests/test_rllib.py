@@ -214,9 +214,9 @@ def test_cli_rejects_bad_inputs(tiny, tmp_path, capsys):
                                  "--critic", "central", "--hidden", "32,16"])
     assert (args.policies, args.critic, args.hidden) == ("per_locator", "central", (32, 16))
     # a cached Stage I trained with other settings is refused, naming what differs
-    stamp = tmp_path / "recognizer" / "rllib_stage1.json"
-    stamp.parent.mkdir()
-    stamp.write_text(json.dumps({"dataset": str(Path(tiny).resolve()), "stage1_steps": 7}))
+    settings = tmp_path / "recognizer" / "trainer_config.json"
+    settings.parent.mkdir()
+    settings.write_text(json.dumps({"features": str(tiny), "config": {"stage1_steps": 7}}))
     with pytest.raises(ValueError, match="stage1_steps"):
         rllib_ppo.stage1_recognizer(rllib_ppo.Args(dataset=str(tiny), out=str(tmp_path),
                                                    budget="tiny"))
