@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from agents.evaluate import recognizer_cost
-from agents.metrics import mean_average_precision
+from agents.metrics import mean_average_precision, mean_true_class_probability
 from agents.policies import LocatorPolicy
 from agents.selection import Selection, gather_padded, segment_bounds
 from features.source import FrameSource
@@ -92,7 +92,8 @@ def search_open_loop(
 ) -> tuple[OpenLoopPolicy, list[dict]]:
     """Best fixed schedule on ``val`` by mAP (ties -> fewer GFLOPs), and every schedule's score.
 
-    Returns the policy and ``[{"schedule", "mAP", "frames_per_video", "gflops_per_video"}]``.
+    Returns the policy and ``[{"schedule", "mAP", "p_gt", "frames_per_video",
+    "gflops_per_video"}]`` (``p_gt``: mean probability of the true class, 0-1).
     """
     N = recognizer.config.num_locators
     per_frame, per_video = recognizer_cost(recognizer, val.flops_unit)
@@ -124,6 +125,7 @@ def search_open_loop(
         fpv = float(sels[k][1].sum(axis=(1, 2)).mean())
         table.append({"schedule": list(schedule),
                       "mAP": mean_average_precision(scores[k], labels),
+                      "p_gt": mean_true_class_probability(scores[k], labels),
                       "frames_per_video": fpv,
                       "gflops_per_video": fpv * (val.gflops_per_frame + per_frame) + per_video})
     return best_schedule(table), table

@@ -75,7 +75,13 @@ from torchrl.envs import EnvBase
 
 from agents.evaluate import EvalResult, evaluate_policy
 from agents.policies import LocatorPolicy, PolicyFlops
-from agents.trainer import TINY_STAGE1, ThreeStageTrainer, TrainerConfig, source_for
+from agents.trainer import (
+    TINY_STAGE1,
+    Stage1Unhealthy,
+    ThreeStageTrainer,
+    TrainerConfig,
+    source_for,
+)
 from vimo_env.core import NUM_ACTIONS
 from vimo_env.recognizer import Recognizer
 
@@ -628,12 +634,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--allow-unhealthy-stage1", action="store_true",
+                        help="train the locators even when Stage I fails its self-check "
+                             "against the linear probe (default: stop with a diagnosis)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     progress = not args.no_progress and sys.stderr.isatty()
     out = Path(args.out)
-    prepared = prepare(args.dataset, out_dir=out / "stage1", data_dir=args.data_dir,
-                       seed=args.seed, progress=progress)
+    overrides = {"allow_unhealthy_stage1": True} if args.allow_unhealthy_stage1 else {}
+    try:
+        prepared = prepare(args.dataset, out_dir=out / "stage1", data_dir=args.data_dir,
+                           seed=args.seed, progress=progress, trainer_overrides=overrides)
+    except Stage1Unhealthy as err:
+        raise SystemExit(f"agents.benchmarl_task: {err}") from None
     run = run_experiment(task_for(prepared, args.dataset), args.algorithm,
                          env_steps=args.env_steps, save_folder=out / "benchmarl", seed=args.seed,
                          schedule=Schedule.like_sac(prepared.trainer), progress=progress)

@@ -426,6 +426,45 @@ def build_ctde_sac(
     return algorithm
 
 
+def clone_actor(algorithm: CTDESAC, observation: torch.Tensor, alive: torch.Tensor,
+                actions: torch.Tensor, *, gradient_steps: int = 1000, batch_size: int = 256,
+                lr: float = 1e-3, label_smoothing: float = 0.1, seed: int = 0) -> float:
+    """Behaviour cloning: fit the actors to ``actions [M, N]`` taken in ``observation
+    [M, N, D]`` (cross-entropy over alive locators only), e.g. to start SAC from a known
+    schedule. Label smoothing keeps the actors stochastic enough for SAC's entropy term to
+    explore from. Returns the fraction of alive locators whose argmax matches, after fitting.
+    """
+    require_int(gradient_steps, "gradient_steps", minimum=0)
+    require_int(batch_size, "batch_size", minimum=1)
+    if observation.ndim != 3 or alive.shape != observation.shape[:2] \
+            or actions.shape != alive.shape:
+        raise ValueError(f"clone_actor: observation [M, N, D], alive and actions [M, N]; got "
+                         f"{tuple(observation.shape)}, {tuple(alive.shape)}, "
+                         f"{tuple(actions.shape)}")
+    if not bool(((actions >= 0) & (actions < NUM_ACTIONS)).all()):
+        raise ValueError(f"clone_actor: actions must be in 0..{NUM_ACTIONS - 1}")
+    actor = algorithm.policy.actor
+    device = algorithm.policy.device
+    rows = torch.nonzero(alive.any(dim=1)).squeeze(1)  # transitions with someone to act
+    if len(rows) == 0:
+        raise ValueError("clone_actor: no transition has an alive locator")
+    observation, alive, actions = (t[rows].to(device) for t in (observation, alive.bool(),
+                                                                actions.long()))
+    optimizer = torch.optim.Adam(actor.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(gradient_steps):
+        pick = torch.randint(len(rows), (batch_size,), generator=gen).to(device)
+        logits = actor(observation[pick])[alive[pick]]
+        loss = F.cross_entropy(logits, actions[pick][alive[pick]],
+                               label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        hits = (actor(observation).argmax(-1) == actions)[alive]
+    return float(hits.float().mean())
+
+
 @torch.no_grad()
 def policy_act(algorithm: CTDESAC | CTDEPolicy, obs: Any) -> np.ndarray:
     """Deterministic joint action (argmax per locator, 0 for stopped ones) ``[B, N]`` int64.
@@ -519,6 +558,7 @@ class TrainResult:
     info: Any  # Tianshou's InfoStats
     best_checkpoint: Path | None = None  # with score_fn: the best-scoring learner (returned)
     best_score: float | None = None
+    best_env_step: int | None = None  # when the best learner was scored (0: as given)
 
 
 def epoch_plan(env_steps: int, collect_env_steps: int, epoch_env_steps: int) -> tuple[int, int]:
@@ -697,8 +737,9 @@ def train_sac(
     total_update_steps = max(int(info.update_step), start_update_step)
     if save_fn is not None:
         save_fn(-1, total_env_steps, total_update_steps)
+    best_env_step = None
     if score_fn is not None:
-        load_checkpoint(algorithm, best_file)
+        best_env_step = int(load_checkpoint(algorithm, best_file)["env_step"])
     return TrainResult(
         algorithm=algorithm,
         env_steps=total_env_steps,
@@ -707,6 +748,7 @@ def train_sac(
         checkpoint=checkpoint,
         best_checkpoint=best_file if score_fn is not None else None,
         best_score=best_score if score_fn is not None else None,
+        best_env_step=best_env_step,
         info=info,
     )
 

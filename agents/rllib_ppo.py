@@ -140,6 +140,7 @@ class Args:
     recognizer: str | None = None  # a Recognizer checkpoint; None: Stage I (cached under out)
     budget: str = "default"  # Stage I budget when it runs: "default" | "tiny"
     stage1_steps: int | None = None  # override of the budget's Stage I gradient steps
+    allow_unhealthy_stage1: bool = False  # go on when Stage I fails its self-check
     seed: int = 0
     address: str | None = None  # Ray cluster; None: RAY_ADDRESS, else a local cluster
     threads: int = 1  # torch threads of the driver (learner, evaluation)
@@ -200,6 +201,8 @@ def stage1_recognizer(args: Args, progress: bool = False) -> tuple[Path, float |
     values = dict(TINY_STAGE1) if args.budget == "tiny" else {}
     if args.stage1_steps is not None:
         values["stage1_steps"] = args.stage1_steps
+    if args.allow_unhealthy_stage1:
+        values["allow_unhealthy_stage1"] = True
     # frame_cost=None: Stage I derives lambda from the data (``--frame-cost`` overrides it later)
     config = TrainerConfig(num_locators=args.num_locators, max_moves=args.max_moves,
                            stride=args.stride, frame_cost=None, seed=args.seed, device="cpu",
@@ -649,6 +652,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
     p.add_argument("--budget", choices=STAGE1_BUDGETS, default=f["budget"],
                    help="Stage I budget when it runs")
     p.add_argument("--stage1-steps", type=int, default=None)
+    p.add_argument("--allow-unhealthy-stage1", action="store_true",
+                   help="train the locators even when Stage I fails its self-check against "
+                        "the linear probe (default: stop with a diagnosis)")
     p.add_argument("--seed", type=int, default=f["seed"])
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
@@ -673,7 +679,12 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    payload = run(parse_args(argv))
+    from agents.trainer import Stage1Unhealthy
+
+    try:
+        payload = run(parse_args(argv))
+    except Stage1Unhealthy as err:
+        raise SystemExit(f"agents.rllib_ppo: {err}") from None
     print_rows(payload)
     return payload
 

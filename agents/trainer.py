@@ -3,7 +3,9 @@
 * **Stage I** - :func:`agents.stage1.train_stage1`: F_T, F_M and classifier with cross-entropy
   on random 25% per-segment samples.
 * **Stage II** - recognizer frozen; the locators learn with CTDE discrete SAC
-  (:func:`agents.ctde_sac.train_sac`) in the batched env (``VideoLocatorsVectorEnv``).
+  (:func:`agents.ctde_sac.train_sac`) in the batched env (``VideoLocatorsVectorEnv``). A second
+  candidate, the best open-loop schedule on val cloned into the actors
+  (:meth:`ThreeStageTrainer.schedule_prior`), is kept instead when it scores higher on val.
 * **Stage III** - ``rounds`` alternations of (a) fine-tuning the recognizer for ``K`` epochs on
   the frames the current policy visits (the sampling policy rolled out over the training
   videos in the batched core; each locator's visited positions, in order, fed to
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +45,17 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from agents.ctde_sac import CTDESAC, SACConfig, build_ctde_sac, load_checkpoint, train_sac
+from agents.baselines import search_open_loop
+from agents.ctde_sac import (
+    CTDESAC,
+    SACConfig,
+    build_ctde_sac,
+    clone_actor,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    train_sac,
+)
 from agents.evaluate import evaluate_policy
 from agents.metrics import mean_true_class_probability
 from agents.policies import CTDEActorPolicy
@@ -50,7 +63,7 @@ from agents.probe import linear_probe, stage1_health
 from agents.selection import evaluate_selection, gather_padded
 from agents.stage1 import LIGHT_RECOGNIZER, Stage1Config, train_stage1
 from agents.stage1 import SELECTED as STAGE1_SELECTED
-from features.atomic import torch_save_atomic, write_text_atomic
+from features.atomic import atomic_path, torch_save_atomic, write_text_atomic
 from features.source import CachedFrameSource, FrameSource
 from vimo_env.gym_env import VideoLocatorsVectorEnv
 from vimo_env.recognizer import Recognizer
@@ -100,6 +113,11 @@ class TrainerConfig:
     allow_unhealthy_stage1: bool = False
     # Stage II
     stage2_env_steps: int = 32_000
+    # a second Stage II candidate: actors behaviour-cloned (this many gradient steps) to the
+    # open-loop schedule with the best team return on val (mean P(true class) - lambda x
+    # frames); with select_on_val it is kept instead of SAC's val-best policy when it scores
+    # higher on val (0 = SAC alone, the paper; docs/experiments.md 2c)
+    schedule_prior_steps: int = 1000
     sac: dict = field(default_factory=dict)
     # Stage III
     stage3_rounds: int = 2
@@ -126,8 +144,11 @@ class TrainerConfig:
         if self.selection_metric not in SELECTION_METRICS:
             raise ValueError(f"TrainerConfig.selection_metric must be one of {SELECTION_METRICS}, "
                              f"got {self.selection_metric!r}")
-        if self.stage3_critic_warmup < 0:
-            raise ValueError("TrainerConfig.stage3_critic_warmup must be >= 0")
+        for name in ("stage3_critic_warmup", "schedule_prior_steps"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
+                    or getattr(self, name) < 0:
+                raise ValueError(f"TrainerConfig.{name} must be an integer >= 0, got "
+                                 f"{getattr(self, name)!r}")
 
     def sac_config(self, seed_offset: int = 0, **overrides: Any) -> SACConfig:
         values: dict[str, Any] = dict(
@@ -233,7 +254,7 @@ class ThreeStageTrainer:
         return 100.0 * mean_true_class_probability(result.scores, self.val_source.labels)
 
     def _sac(self, part: Path, recognizer: Recognizer, env_steps: int, resume: bool,
-             algorithm: CTDESAC | None, seed_offset: int) -> Path:
+             algorithm: CTDESAC | None, seed_offset: int, critic_warmup: int) -> Path:
         """SAC on the frozen ``recognizer``; returns the checkpoint that is this part's result
         (``best.pt``, the val-best policy, with ``select_on_val``; else the last state)."""
         done = part / "done.json"
@@ -244,8 +265,7 @@ class ThreeStageTrainer:
         if self.config.select_on_val:
             def score_fn(learner: CTDESAC) -> float:
                 return self.val_score(learner, recognizer)
-        warmup = {"critic_warmup_gradient_steps": self.config.stage3_critic_warmup} \
-            if algorithm is not None and self.config.stage3_critic_warmup else {}  # Stage III
+        warmup = {"critic_warmup_gradient_steps": critic_warmup} if critic_warmup else {}
         sac_config = self.config.sac_config(seed_offset, **warmup)
         epoch_callback = (self.sac_epoch_callback(recognizer, self.val_source)
                           if self.sac_epoch_callback is not None else None)
@@ -257,6 +277,7 @@ class ThreeStageTrainer:
         _write_json_atomic({"env_steps": result.env_steps, "update_steps": result.update_steps,
                             "gradient_steps": result.gradient_steps,
                             "best_val_score": result.best_score,
+                            "best_env_step": result.best_env_step,  # 0: the policy it started from
                             "selection_metric": self.config.selection_metric}, done)
         return result_file
 
@@ -337,10 +358,76 @@ class ThreeStageTrainer:
                 "uniform-25 over initial", "points": points}
 
     def stage2(self, stage1: StageArtifacts, resume: bool) -> StageArtifacts:
-        recognizer = Recognizer.load(stage1.recognizer, map_location=self.config.device)
+        """SAC from scratch on the frozen Stage I recognizer; with ``schedule_prior_steps`` and
+        ``select_on_val`` the cloned best schedule (:meth:`schedule_prior`) is a second
+        candidate, kept when it scores higher on val than SAC's val-best policy."""
+        c = self.config
+        recognizer = Recognizer.load(stage1.recognizer, map_location=c.device)
         part = self.out / "stage2"
-        ckpt = self._sac(part, recognizer, self.config.stage2_env_steps, resume, None, 0)
+        done, prior_file = part / "done.json", part / "prior.pt"
+        use_prior = bool(c.schedule_prior_steps and c.select_on_val)
+        if use_prior and not (resume and (prior_file.is_file() or done.is_file())):
+            seed_everything(c.seed)
+            prior = self.build_algorithm(recognizer)
+            record = self.schedule_prior(recognizer, prior, part)
+            save_checkpoint(prior, prior_file, score=record["val_score"])  # atomic, last
+        ckpt = self._sac(part, recognizer, c.stage2_env_steps, resume, None, 0, 0)
+        if use_prior and prior_file.is_file():
+            result = json.loads(done.read_text())
+            if "kept" not in result:  # (idempotent: a crash here is redone on resume)
+                prior_score = json.loads((part / "prior.json").read_text())["val_score"]
+                kept = "schedule prior" if prior_score > result["best_val_score"] else "sac"
+                if kept == "schedule prior":
+                    with atomic_path(ckpt) as tmp:
+                        shutil.copyfile(prior_file, tmp)
+                result.update(kept=kept, prior_val_score=prior_score)
+                _write_json_atomic(result, done)
         return StageArtifacts("II", stage1.recognizer, ckpt)
+
+    def schedule_prior(self, recognizer: Recognizer, algorithm: CTDESAC, part: Path) -> dict:
+        """Behaviour-clone ``algorithm``'s actors to the open-loop schedule that maximizes the
+        team return on val (mean final P(true class) - lambda x frames per video): a policy in
+        SAC's own actor class that is as good as the best blind one. On a few hundred training
+        videos SAC's locators fit the training videos and lose on val what they gain on train
+        (docs/experiments.md 2c); with this candidate, val selection never keeps a policy that
+        scores below that schedule's clone on val. The clone reads the step index from the
+        observation
+        (its last entry is ``step / max_moves``). Writes ``part/prior.json`` (with the clone's
+        val score, ``val_score``); returns its record."""
+        c = self.config
+        _, table = search_open_loop(recognizer, self.val_source, max_moves=c.max_moves,
+                                    stride=c.stride, progress=self.progress)
+        for row in table:
+            row["objective"] = row["p_gt"] - self.frame_cost * row["frames_per_video"]
+        best = max(table, key=lambda r: (round(r["objective"], 9), -r["frames_per_video"]))
+        schedule = torch.tensor(list(best["schedule"]) + [0] * (c.max_moves + 1
+                                                               - len(best["schedule"])))
+        num_envs = min(256, self.train_source.num_videos)
+        env = self._env_factory(recognizer)(num_envs, c.seed + 7)
+        obs, _ = env.reset(seed=c.seed + 7)
+        observations, alive, actions = [], [], []
+        for _ in range(4 * (c.max_moves + 2)):  # ~4 episodes per row (autoreset)
+            observation = torch.as_tensor(obs["observation"], dtype=torch.float32)
+            step = torch.round(observation[..., -1] * c.max_moves).long().clamp(0, c.max_moves)
+            action = schedule[step]
+            observations.append(observation)
+            alive.append(torch.as_tensor(obs["alive"]).bool())
+            actions.append(action)
+            obs, *_ = env.step(action.numpy())
+        env.close()
+        accuracy = clone_actor(algorithm, torch.cat(observations), torch.cat(alive),
+                               torch.cat(actions), gradient_steps=c.schedule_prior_steps,
+                               seed=c.seed)
+        record = {"schedule": best["schedule"], "val_score": self.val_score(algorithm, recognizer),
+                  "val_objective": best["objective"],
+                  "val_p_gt": best["p_gt"], "val_mAP": best["mAP"],
+                  "val_frames_per_video": best["frames_per_video"],
+                  "frame_cost": self.frame_cost, "clone_accuracy": accuracy,
+                  "clone_transitions": int(sum(len(a) for a in actions)),
+                  "top5": sorted(table, key=lambda r: -r["objective"])[:5]}
+        part.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(record, part / "prior.json")
+        return record
 
     def rollout_selection(self, recognizer: Recognizer, algorithm: CTDESAC, seed: int
                           ) -> tuple[np.ndarray, np.ndarray]:
@@ -436,7 +523,7 @@ class ThreeStageTrainer:
                 recognizer = self.finetune(recognizer, algorithm, part, r, resume)
                 recognizer.save(rec_path)  # atomic
             sac_path = self._sac(part / "sac", recognizer, c.stage3_env_steps, resume,
-                                 algorithm, seed_offset=1000 * (r + 1))
+                                 algorithm, 1000 * (r + 1), c.stage3_critic_warmup)
             algorithm = self.load_algorithm(recognizer, sac_path)
         return StageArtifacts("III", rec_path, sac_path)
 

@@ -117,6 +117,7 @@ BUDGETS: dict[str, dict] = {
     "tiny": dict(
         **TINY_STAGE1, stage2_env_steps=1024, stage3_rounds=1, finetune_epochs=1,
         stage3_env_steps=512, rollout_batch_size=256, stage3_critic_warmup=8,
+        schedule_prior_steps=200,
         sac=dict(actor_hidden=(64, 64), critic_hidden=(64, 64), num_envs=32,
                  collect_env_steps=128, epoch_env_steps=512, warmup_env_steps=128,
                  batch_size=64, updates_per_env_step=0.05),
@@ -193,6 +194,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage3-critic-warmup", type=int, default=None,
                    help="gradient steps that fit only the critics at the start of each Stage III "
                         "round (the actor waits)")
+    p.add_argument("--schedule-prior-steps", type=int, default=None,
+                   help="behaviour-cloning steps of Stage II's second candidate, the best "
+                        "open-loop schedule on val as a policy (default 1000; 0 = SAC alone, "
+                        "the paper)")
     p.add_argument("--selection-metric", choices=SELECTION_METRICS, default=None,
                    help="val score that picks each SAC part's policy and each fine-tuning's "
                         "recognizer: p_gt (mean final P(true class), default) or mAP")
@@ -263,6 +268,7 @@ def trainer_config(args: argparse.Namespace, budget: str) -> TrainerConfig:
                  "stage3_rounds": args.stage3_rounds, "finetune_epochs": args.finetune_epochs,
                  "stage3_env_steps": args.stage3_steps, "frame_cost": args.frame_cost,
                  "stage3_critic_warmup": args.stage3_critic_warmup,
+                 "schedule_prior_steps": args.schedule_prior_steps,
                  "selection_metric": args.selection_metric,
                  "allow_unhealthy_stage1": True if args.allow_unhealthy_stage1 else None}
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -413,6 +419,13 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
                               "probe_val_mAP": stage1["probe"]["val"]["mAP"]}
     extra["frame_cost"] = stage1["frame_cost"]
     extra["stage1_steps"] = stage1["steps"]
+    prior = trainer.out / "stage2" / "prior.json"
+    if prior.is_file():  # the schedule Stage II's actors started from
+        extra["schedule_prior"] = {k: v for k, v in json.loads(prior.read_text()).items()
+                                   if k != "top5"}
+        done = json.loads((trainer.out / "stage2" / "done.json").read_text())
+        extra["schedule_prior"]["stage2_kept"] = done.get("kept")  # "sac" or "schedule prior"
+        extra["schedule_prior"]["stage2_sac_val_score"] = done.get("best_val_score")
     extra["stage1_candidates"] = [{**c, "chosen": k == stage1.get("chosen", 0)}
                                   for k, c in enumerate(stage1.get("candidates", []))]
     trajectories = collect_trajectories(  # figure data: a few test videos, every strategy
@@ -495,7 +508,11 @@ def print_tables(command: str, result: dict, dataset: str, unit: str, wall: floa
               f"lambda = {lam['value']:.5f} ({lam['rule']})",
               f"open-loop schedule (best on val): {result['extra']['open_loop_schedule']}; "
               f"within the adaptive policy's val cost (open-loop@adaptive): "
-              f"{result['extra'].get('open_loop_matched_schedule')}",
+              f"{result['extra'].get('open_loop_matched_schedule')}"
+              + (f"; Stage II kept: {prior['stage2_kept']} (val score: SAC "
+                 f"{prior['stage2_sac_val_score']:.2f}, {prior['schedule']} cloned "
+                 f"{prior['val_score']:.2f})"
+                 if (prior := result["extra"].get("schedule_prior")) else ""),
               "", "Table 5 - after each training stage (test split)",
               f"{'stage':<6} {'policy':<10} {'frame rate %':>12} {'mAP %':>8} {'GFLOPs':>9} "
               f"{'improves':>9}"]

@@ -355,8 +355,11 @@ def extract_ray(
         raise ValueError(f"{local_partial}: an unfinished local-engine run of this output; "
                          "finish it with --engine local, delete it, or pass --no-resume")
     threads = int(threads or 1)
+    # threads and device are in the plan too: parts made with other ones would merge into a
+    # file that is byte-identical to no single run
     settings = {"backbone": backbone, "weights": os.path.abspath(weights) if weights else None,
-                "fps": float(fps), "dtype": str(np.dtype(dtype)), "class_names": class_names}
+                "fps": float(fps), "dtype": str(np.dtype(dtype)), "class_names": class_names,
+                "threads": threads, "device": str(device)}
     done = _existing_ids(out, settings) if resume and out.exists() else []
     if resume and parts.exists():
         _discard_if_merged(parts, set(done))
@@ -516,7 +519,9 @@ def _finish(out: Path, parts: Path, plan: list[list[ManifestEntry]],
     failed_ids = {f["video_id"] for f in failed}
     new = [e.video_id for e in pending if e.video_id not in failed_ids]
     merge_start = time.perf_counter()
-    if new:  # nothing new (only failures again): the finished file stays as it was
+    # nothing new (only failures again): a finished file stays as it was; with no file yet
+    # (every video failed) an empty one is written, as the local engine does
+    if new or not out.exists():
         merged = parts / "merged.h5"
         sources = ([out] if done else []) + part_files
         merge_parts(merged, sources, done + new)

@@ -176,3 +176,27 @@ def test_algorithm_trains_and_is_scored(algorithm, task, prepared, tmp_path, mon
         torch.as_tensor(o["action_mask"]).bool(), 0).numpy(), prepared, "test")
     assert free.frames_per_video == result.frames_per_video
     assert result.gflops_per_video > free.gflops_per_video
+
+
+def test_cli_stops_on_an_unhealthy_stage1_unless_allowed(monkeypatch, tmp_path):
+    """The CLI turns Stage I's failed self-check into an exit with the diagnosis, and
+    --allow-unhealthy-stage1 reaches the trainer's config."""
+    from agents import benchmarl_task
+    from agents.trainer import Stage1Unhealthy
+
+    seen = []
+
+    def fake_prepare(dataset, **kwargs):
+        overrides = kwargs.get("trainer_overrides") or {}
+        seen.append(overrides)
+        if not overrides.get("allow_unhealthy_stage1"):
+            raise Stage1Unhealthy("Stage I recognizer: val mAP 20.0 is 23% of the linear probe's")
+        raise RuntimeError("went on")
+
+    monkeypatch.setattr(benchmarl_task, "prepare", fake_prepare)
+    argv = ["--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(SystemExit, match="linear probe"):
+        benchmarl_task.main(argv)
+    with pytest.raises(RuntimeError, match="went on"):
+        benchmarl_task.main([*argv, "--allow-unhealthy-stage1"])
+    assert seen == [{}, {"allow_unhealthy_stage1": True}]

@@ -17,6 +17,7 @@ from agents.ctde_sac import (
     LocatorActors,
     SACConfig,
     build_ctde_sac,
+    clone_actor,
     load_checkpoint,
     make_collector,
     policy_act,
@@ -534,3 +535,32 @@ def test_actor_and_alpha_losses_by_hand():
     # the policy's entropy is below the target and falls when above
     step = 1e-3 * np.sign(float((target_entropy - entropy).mean()))
     assert math.log(stats.alpha) == pytest.approx(log_alpha + step, abs=1e-6)
+
+
+def test_clone_actor_fits_alive_locators_and_ignores_stopped_ones():
+    """Behaviour cloning reproduces a rule of the observation (here: the action is the step
+    index stored in the last entry, as in the env) on alive locators; stopped locators carry
+    a contradicting label that must not be learned."""
+    seed_everything(0)
+    algo = build_ctde_sac(OBS_DIM, N, small_config())
+    gen = torch.Generator().manual_seed(0)
+    M = 2048
+    observation = torch.randn(M, N, OBS_DIM, generator=gen)
+    step = torch.randint(0, 4, (M, 1), generator=gen).expand(M, N)
+    observation[..., -1] = step / 4.0
+    alive = torch.rand(M, N, generator=gen) < 0.7
+    schedule = torch.tensor([3, 2, 1, 0])
+    actions = torch.where(alive, schedule[step], torch.ones_like(step))  # dead rows: noise
+    before = clone_actor(algo, observation, alive, actions, gradient_steps=0)
+    after = clone_actor(algo, observation, alive, actions, gradient_steps=1000, seed=0)
+    assert before < 0.6 and after > 0.98
+    # label smoothing leaves the policy stochastic: SAC's entropy term has room to explore
+    with torch.no_grad():
+        probs = torch.softmax(algo.policy.actor(observation), -1)[alive]
+    assert 0.8 < float(probs.max(-1).values.mean()) < 0.995
+    with pytest.raises(ValueError, match="actions must be in"):
+        clone_actor(algo, observation, alive, actions + 4, gradient_steps=1)
+    with pytest.raises(ValueError, match="observation"):
+        clone_actor(algo, observation[:, :2], alive, actions, gradient_steps=1)
+    with pytest.raises(ValueError, match="no transition"):
+        clone_actor(algo, observation, torch.zeros_like(alive), actions, gradient_steps=1)

@@ -143,12 +143,17 @@ def test_a_changed_shard_count_is_refused_on_resume(dataset, tmp_path):
     parts.mkdir()
     plan = {"format": "vimo-features-shards", "version": 1,
             "settings": {"backbone": "efficientnet_lite0", "weights": None, "fps": 1.0,
-                         "dtype": "float16", "class_names": ["a", "b"]},
+                         "dtype": "float16", "class_names": ["a", "b"], "threads": 1,
+                         "device": "cpu"},
             "shards": [["videos/v0", "videos/v1", "videos/broken"],
                        ["videos/v2", "videos/v3", "videos/v4"]]}
     (parts / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(ValueError, match="plan.json: cannot resume: field 'shards' has 2"):
         _run(dataset, out, shards=3)
+    # parts made with other torch threads would not merge into the local engine's bytes
+    with pytest.raises(ValueError, match="plan.json: cannot resume: field 'threads' is 1, "
+                                         "this run uses 2"):
+        _run(dataset, out, shards=2, threads=2)
     plan["settings"]["fps"] = 2.0
     (parts / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(ValueError, match="plan.json: cannot resume: field 'fps'"):
@@ -165,3 +170,23 @@ def test_a_finished_file_of_another_configuration_is_refused(dataset, local_refe
     with pytest.raises(ValueError, match=r"ray\.h5: cannot resume: field 'features'"):
         _run(dataset, out, dtype="float32")
     assert not Path(f"{out}.parts").exists()  # refused before any work
+
+
+def test_all_videos_failing_still_writes_the_local_engines_empty_file(dataset, ray_cluster,
+                                                                      tmp_path):
+    """A manifest whose every video fails to decode gives the same (empty) file and failure
+    list as the local engine, not a missing output."""
+    lines = (dataset / "manifest.csv").read_text().splitlines()
+    manifest = tmp_path / "broken.csv"
+    manifest.write_text("\n".join([lines[0], *[x for x in lines[1:] if "broken" in x]]) + "\n")
+    for name in ("videos",):  # the manifest's relative paths resolve next to it
+        (tmp_path / name).symlink_to(dataset / name)
+    local = extract(manifest, tmp_path / "local.h5", device="cpu", workers=0, progress=False)
+    assert local.videos_written == 0 and len(local.failed) == 1
+    out = tmp_path / "ray.h5"
+    summary = extract_ray(manifest, out, device="cpu", workers=2, progress=False, shards=1)
+    assert summary.videos_written == 0 and [f["video_id"] for f in summary.failed] == [
+        "videos/broken"]
+    assert filecmp.cmp(out, tmp_path / "local.h5", shallow=False)
+    with FeatureStore(out) as store:
+        assert store.video_ids == []

@@ -368,3 +368,17 @@ def test_ppo_old_api_stack_one_iteration(tiny, ray_session, tmp_path):
     steps = result.get("num_env_steps_sampled_lifetime",
                        result.get("num_env_steps_sampled", 0))
     assert steps >= 64
+
+
+def test_unhealthy_stage1_stops_the_cli_unless_allowed(tiny, tmp_path):
+    """A Stage I that fails its self-check (1 gradient step: near chance) stops the CLI with
+    the trainer's diagnosis before Ray starts; --allow-unhealthy-stage1 goes on from the same
+    cached Stage I (the flag is not a setting that invalidates it)."""
+    argv = ["--dataset", str(tiny), "--out", str(tmp_path), "--stage1-steps", "1",
+            "--threads", "1"]
+    with pytest.raises(SystemExit, match="self-check|linear probe"):
+        rllib_ppo.main(argv)
+    args = rllib_ppo.parse_args([*argv, "--allow-unhealthy-stage1"])
+    assert args.allow_unhealthy_stage1
+    checkpoint, frame_cost = rllib_ppo.stage1_recognizer(args)
+    assert Path(checkpoint).is_file() and frame_cost > 0
