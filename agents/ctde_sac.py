@@ -430,9 +430,11 @@ def clone_actor(algorithm: CTDESAC, observation: torch.Tensor, alive: torch.Tens
                 actions: torch.Tensor, *, gradient_steps: int = 1000, batch_size: int = 256,
                 lr: float = 1e-3, label_smoothing: float = 0.1, seed: int = 0) -> float:
     """Behaviour cloning: fit the actors to ``actions [M, N]`` taken in ``observation
-    [M, N, D]`` (cross-entropy over alive locators only), e.g. to start SAC from a known
-    schedule. Label smoothing keeps the actors stochastic enough for SAC's entropy term to
-    explore from. Returns the fraction of alive locators whose argmax matches, after fitting.
+    [M, N, D]`` (cross-entropy over alive locators only), e.g. to turn a fixed schedule into a
+    policy of the actors' class (the trainer's Stage II candidate; Stage III continues SAC from
+    it when it is kept). Label smoothing keeps the actors stochastic enough for SAC's entropy
+    term to explore from. Returns the fraction of alive locators whose argmax matches, after
+    fitting.
     """
     require_int(gradient_steps, "gradient_steps", minimum=0)
     require_int(batch_size, "batch_size", minimum=1)
