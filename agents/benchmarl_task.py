@@ -646,7 +646,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prepared = prepare(args.dataset, out_dir=out / "stage1", data_dir=args.data_dir,
                            seed=args.seed, progress=progress, trainer_overrides=overrides)
     except Stage1Unhealthy as err:
-        raise SystemExit(f"agents.benchmarl_task: {err}") from None
+        # this CLI reuses its cached Stage I by itself: the flag alone goes on
+        hint = str(err).replace("--allow-unhealthy-stage1 --resume", "--allow-unhealthy-stage1")
+        raise SystemExit(f"agents.benchmarl_task: {hint}") from None
     run = run_experiment(task_for(prepared, args.dataset), args.algorithm,
                          env_steps=args.env_steps, save_folder=out / "benchmarl", seed=args.seed,
                          schedule=Schedule.like_sac(prepared.trainer), progress=progress)

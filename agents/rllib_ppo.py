@@ -684,7 +684,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         payload = run(parse_args(argv))
     except Stage1Unhealthy as err:
-        raise SystemExit(f"agents.rllib_ppo: {err}") from None
+        # this CLI reuses its cached Stage I by itself: the flag alone goes on
+        hint = str(err).replace("--allow-unhealthy-stage1 --resume", "--allow-unhealthy-stage1")
+        raise SystemExit(f"agents.rllib_ppo: {hint}") from None
     print_rows(payload)
     return payload
 

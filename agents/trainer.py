@@ -145,10 +145,9 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.selection_metric must be one of {SELECTION_METRICS}, "
                              f"got {self.selection_metric!r}")
         for name in ("stage3_critic_warmup", "schedule_prior_steps"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
-                    or getattr(self, name) < 0:
-                raise ValueError(f"TrainerConfig.{name} must be an integer >= 0, got "
-                                 f"{getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainerConfig.{name} must be an integer >= 0, got {value!r}")
 
     def sac_config(self, seed_offset: int = 0, **overrides: Any) -> SACConfig:
         values: dict[str, Any] = dict(
@@ -277,7 +276,9 @@ class ThreeStageTrainer:
         _write_json_atomic({"env_steps": result.env_steps, "update_steps": result.update_steps,
                             "gradient_steps": result.gradient_steps,
                             "best_val_score": result.best_score,
-                            "best_env_step": result.best_env_step,  # 0: the policy it started from
+                            # SAC's val-best (0: the policy it started from); stage2 may
+                            # then keep the cloned schedule instead ("kept")
+                            "best_env_step": result.best_env_step,
                             "selection_metric": self.config.selection_metric}, done)
         return result_file
 
@@ -366,16 +367,22 @@ class ThreeStageTrainer:
         part = self.out / "stage2"
         done, prior_file = part / "done.json", part / "prior.pt"
         use_prior = bool(c.schedule_prior_steps and c.select_on_val)
-        if use_prior and not (resume and (prior_file.is_file() or done.is_file())):
-            seed_everything(c.seed)
-            prior = self.build_algorithm(recognizer)
-            record = self.schedule_prior(recognizer, prior, part)
-            save_checkpoint(prior, prior_file, score=record["val_score"])  # atomic, last
+        if not (resume and (prior_file.is_file() or done.is_file())):
+            # a fresh part: no candidate of an earlier run in this folder may be compared
+            prior_file.unlink(missing_ok=True)
+            (part / "prior.json").unlink(missing_ok=True)
+            if use_prior:
+                seed_everything(c.seed)
+                prior = self.build_algorithm(recognizer)
+                record = self.schedule_prior(recognizer, prior, part)
+                save_checkpoint(prior, prior_file, score=record["val_score"])  # atomic, last
         ckpt = self._sac(part, recognizer, c.stage2_env_steps, resume, None, 0, 0)
         if use_prior and prior_file.is_file():
             result = json.loads(done.read_text())
             if "kept" not in result:  # (idempotent: a crash here is redone on resume)
-                prior_score = json.loads((part / "prior.json").read_text())["val_score"]
+                # the score saved with the weights it belongs to
+                prior_score = float(torch.load(prior_file, map_location="cpu",
+                                               weights_only=False)["extra"]["score"])
                 kept = "schedule prior" if prior_score > result["best_val_score"] else "sac"
                 if kept == "schedule prior":
                     with atomic_path(ckpt) as tmp:
@@ -391,9 +398,8 @@ class ThreeStageTrainer:
         videos SAC's locators fit the training videos and lose on val what they gain on train
         (docs/experiments.md 2c); with this candidate, val selection never keeps a policy that
         scores below that schedule's clone on val. The clone reads the step index from the
-        observation
-        (its last entry is ``step / max_moves``). Writes ``part/prior.json`` (with the clone's
-        val score, ``val_score``); returns its record."""
+        observation (its last entry is ``step / max_moves``). Writes ``part/prior.json``
+        (with the clone's val score, ``val_score``); returns its record."""
         c = self.config
         _, table = search_open_loop(recognizer, self.val_source, max_moves=c.max_moves,
                                     stride=c.stride, progress=self.progress)
@@ -542,7 +548,10 @@ class ThreeStageTrainer:
         settings = json.loads(json.dumps({"features": str(self.path),
                                           "config": asdict(self.config)}))
         if resume and settings_file.is_file():
-            _check_same_settings(json.loads(settings_file.read_text()), settings, settings_file)
+            # settings only Stage II-III read cannot conflict with a run that has not got there
+            later = () if (self.out / "stage2").exists() else LATER_STAGE_SETTINGS
+            _check_same_settings(json.loads(settings_file.read_text()), settings, settings_file,
+                                 ignore=later)
         _write_json_atomic(settings, settings_file)
         self.phase_times = {}
         stages = [self._timed("stage1", self.stage1, resume)]
@@ -586,11 +595,23 @@ def frame_cost_rule(initial: tuple[float, float], uniform: tuple[float, float],
     return float(max(fraction * (p1 - p0) / (f1 - f0), 0.0))
 
 
-def _check_same_settings(saved: dict, current: dict, path: Path) -> None:
+# TrainerConfig fields that only Stage II and III read (a Stage I cache is valid for any value)
+LATER_STAGE_SETTINGS = ("stage2_env_steps", "schedule_prior_steps", "sac", "stage3_rounds",
+                        "finetune_epochs", "finetune_lr", "finetune_batch_size",
+                        "stage3_env_steps", "stage3_critic_warmup", "select_on_val",
+                        "selection_metric")
+# the value a field added later had in effect in runs saved before it existed
+LEGACY_DEFAULTS = {"schedule_prior_steps": 0}
+
+
+def _check_same_settings(saved: dict, current: dict, path: Path,
+                         ignore: tuple[str, ...] = ()) -> None:
     """A resume must continue the run it resumes: the same data and the same settings (the
-    device may change). Mixing settings would silently give a run that no config describes."""
-    ignore = {"device", "allow_unhealthy_stage1"}
-    old, new = saved.get("config", {}), current["config"]
+    device may change; ``ignore`` lists more fields that may). Mixing settings would silently
+    give a run that no config describes."""
+    ignore = {"device", "allow_unhealthy_stage1", *ignore}
+    old = {**LEGACY_DEFAULTS, **saved.get("config", {})}
+    new = current["config"]
     changed = sorted(k for k in old.keys() | new.keys()
                      if k not in ignore and old.get(k) != new.get(k))
     if saved.get("features") != current["features"]:

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage1_s = time.perf_counter() - t0
     sac_trainer_config = dataclasses.replace(
         prepared.trainer, frame_cost=prepared.frame_cost, stage2_env_steps=args.env_steps,
-        select_on_val=args.select_on_val, sac=dict(budget.get("sac", {})))
+        select_on_val=args.select_on_val, sac=dict(budget.get("sac", {})),
+        schedule_prior_steps=0)  # the learner alone, like the BenchMARL rows (no cloned schedule)
     schedule = Schedule.like_sac(sac_trainer_config)
     print(f"dataset {prepared.features} ({args.budget} budget), recognizer "
           f"{prepared.recognizer}, lambda {prepared.frame_cost:.5f}; {args.env_steps:,} env "

@@ -33,22 +33,26 @@ from agents.trainer import ThreeStageTrainer, TrainerConfig, source_for  # noqa:
 from vimo_env.recognizer import Recognizer  # noqa: E402
 
 
-def measure(run: Path, checkpoints: list[str], batch_size: int = 512) -> list[dict]:
-    """Rows ``{"split", "policy", "p_gt", "frames_per_video", "objective", "mAP"}``."""
+def measure(run: Path, checkpoints: list[str], batch_size: int = 512,
+            device: str = "cpu") -> list[dict]:
+    """Rows ``{"split", "policy", "p_gt", "frames_per_video", "objective", "mAP"}``. Reads the
+    run's files only (nothing is trained or written)."""
     train_dir = run / "train"
     settings_file = train_dir / "trainer_config.json"
-    if not settings_file.is_file():
-        raise FileNotFoundError(f"{settings_file}: not a run_marl.py output (no trainer config)")
+    stage1_done = train_dir / "stage1" / "done.json"
+    for needed in (settings_file, stage1_done):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed}: missing; --run must be a run_marl.py output "
+                                    "whose Stage I finished")
     settings = json.loads(settings_file.read_text())
-    config = TrainerConfig(**settings["config"])
+    config = TrainerConfig(**{**settings["config"], "device": device})
     data = settings["features"]
     trainer = ThreeStageTrainer(data, config, train_dir, progress=False)
-    trainer.stage1(resume=True)  # lambda from the finished Stage I (refuses an unfinished one)
-    lam = trainer.frame_cost
-    recognizer = Recognizer.load(train_dir / "stage1" / SELECTED).eval()
+    lam = float(json.loads(stage1_done.read_text())["frame_cost"]["value"])
+    recognizer = Recognizer.load(train_dir / "stage1" / SELECTED, map_location=device).eval()
     rows = []
     for split in ("train", "val"):
-        source = source_for(data, split)
+        source = source_for(data, split, device)
         for name in ("initial", "uniform-25"):
             r = evaluate_selection(recognizer, source, name, batch_size=batch_size,
                                    seed=config.seed)
@@ -63,7 +67,7 @@ def measure(run: Path, checkpoints: list[str], batch_size: int = 512) -> list[di
             algorithm = trainer.load_algorithm(recognizer, path)
             r = evaluate_policy(CTDEActorPolicy(algorithm), source, recognizer,
                                 max_moves=config.max_moves, stride=config.stride,
-                                batch_size=batch_size, keep_trajectories=False)
+                                batch_size=batch_size, device=device, keep_trajectories=False)
             p = mean_true_class_probability(r.scores, source.labels)
             rows.append({"split": split, "policy": checkpoint, "p_gt": p, "mAP": r.mAP,
                          "frames_per_video": r.frames_per_video,
@@ -77,9 +81,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--checkpoints", nargs="+", default=["stage2/best.pt"],
                    help="SAC checkpoints relative to RUN/train (default: stage2/best.pt)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where to run (the run's own device is not "
+                                                   "needed: default cpu)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = measure(args.run, args.checkpoints)
+    rows = measure(args.run, args.checkpoints, device=args.device)
     print(f"{'split':<6} {'policy':<26} {'P(true)':>8} {'frames':>7} {'P - lam x fr':>12} "
           f"{'mAP':>6}")
     for r in rows:

@@ -230,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.schedule_prior_steps is not None and args.schedule_prior_steps < 0:
+        p.error(f"--schedule-prior-steps must be >= 0, got {args.schedule_prior_steps}")
     try:
         args.peers = [] if args.no_peers else comparison.parse_peers(args.peers)
     except ValueError as err:
@@ -419,13 +421,13 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
                               "probe_val_mAP": stage1["probe"]["val"]["mAP"]}
     extra["frame_cost"] = stage1["frame_cost"]
     extra["stage1_steps"] = stage1["steps"]
-    prior = trainer.out / "stage2" / "prior.json"
-    if prior.is_file():  # the schedule Stage II's actors started from
+    prior, done_file = (trainer.out / "stage2" / n for n in ("prior.json", "done.json"))
+    done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    if prior.is_file() and "kept" in done:  # Stage II compared SAC with the cloned schedule
         extra["schedule_prior"] = {k: v for k, v in json.loads(prior.read_text()).items()
                                    if k != "top5"}
-        done = json.loads((trainer.out / "stage2" / "done.json").read_text())
-        extra["schedule_prior"]["stage2_kept"] = done.get("kept")  # "sac" or "schedule prior"
-        extra["schedule_prior"]["stage2_sac_val_score"] = done.get("best_val_score")
+        extra["schedule_prior"]["stage2_kept"] = done["kept"]  # "sac" or "schedule prior"
+        extra["schedule_prior"]["stage2_sac_val_score"] = done["best_val_score"]
     extra["stage1_candidates"] = [{**c, "chosen": k == stage1.get("chosen", 0)}
                                   for k, c in enumerate(stage1.get("candidates", []))]
     trajectories = collect_trajectories(  # figure data: a few test videos, every strategy

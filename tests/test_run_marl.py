@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -675,7 +676,7 @@ def test_kill_9_inside_a_sac_part_then_resume_finishes_the_same_budget(full_run,
             assert got[counter] == expected[counter] > 0, (counted, counter)
 
 
-def test_policy_generalization_script_plays_each_policy_on_train_and_val(full_run):
+def test_policy_generalization_script_plays_each_policy_on_train_and_val(full_run, tmp_path):
     """benchmarks/policy_generalization.py: per split, initial, uniform-25 and each checkpoint;
     the cloned schedule's val row matches what Stage II recorded for it."""
     spec = importlib.util.spec_from_file_location(
@@ -697,3 +698,36 @@ def test_policy_generalization_script_plays_each_policy_on_train_and_val(full_ru
     assert val_clone["p_gt"] * 100 == pytest.approx(prior["val_score"], abs=1e-6)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         script.measure(out, ["stage2/missing.pt"])
+    (tmp_path / "train").mkdir()  # a run whose Stage I never finished: nothing is trained
+    shutil.copy(out / "train" / "trainer_config.json", tmp_path / "train")
+    with pytest.raises(FileNotFoundError, match="stage1/done.json"):
+        script.measure(tmp_path, ["stage2/best.pt"])
+    assert os.listdir(tmp_path / "train") == ["trainer_config.json"]
+
+
+def test_a_stage1_cache_from_before_a_later_stage_setting_still_resumes(full_run, tiny_dataset,
+                                                                        tmp_path):
+    """A run saved before ``schedule_prior_steps`` existed: while it has no Stage II, settings
+    only Stage II-III read may differ (Stage I caches of the RLlib and BenchMARL front-ends);
+    once Stage II exists, the field counts with the value it had in effect then (0)."""
+    from agents.trainer import SettingsMismatch, ThreeStageTrainer, TrainerConfig
+
+    out, _ = full_run
+    train = tmp_path / "train"
+    shutil.copytree(out / "train" / "stage1", train / "stage1")
+    saved = json.loads((out / "train" / "trainer_config.json").read_text())
+    old_config = {k: v for k, v in saved["config"].items() if k != "schedule_prior_steps"}
+    (train / "trainer_config.json").write_text(json.dumps({**saved, "config": old_config}))
+    config = TrainerConfig(**{**old_config, "stage2_env_steps": 2048})
+    (stage1,) = ThreeStageTrainer(tiny_dataset, config, train, progress=False).run(
+        resume=True, stop_after="I")
+    assert stage1.recognizer.is_file()
+
+    (train / "trainer_config.json").write_text(json.dumps({**saved, "config": old_config}))
+    (train / "stage2").mkdir()
+    with pytest.raises(SettingsMismatch, match="schedule_prior_steps: 0 -> 200"):
+        ThreeStageTrainer(tiny_dataset, TrainerConfig(**saved["config"]), train,
+                          progress=False).run(resume=True, stop_after="I")
+    legacy = TrainerConfig(**{**saved["config"], "schedule_prior_steps": 0})
+    ThreeStageTrainer(tiny_dataset, legacy, train, progress=False).run(resume=True,
+                                                                       stop_after="I")
