@@ -731,3 +731,28 @@ def test_a_stage1_cache_from_before_a_later_stage_setting_still_resumes(full_run
     legacy = TrainerConfig(**{**saved["config"], "schedule_prior_steps": 0})
     ThreeStageTrainer(tiny_dataset, legacy, train, progress=False).run(resume=True,
                                                                        stop_after="I")
+
+
+def test_the_cloned_candidate_leaves_sac_untouched(full_run, tiny_dataset, tmp_path):
+    """Building the candidate draws nothing from SAC's random streams: with and without it,
+    Stage II's SAC ends in the same weights and the same val-best score."""
+    from agents.trainer import ThreeStageTrainer, TrainerConfig
+
+    out, _ = full_run
+    saved = json.loads((out / "train" / "trainer_config.json").read_text())["config"]
+    results = []
+    for steps in (0, saved["schedule_prior_steps"]):
+        train = tmp_path / f"prior{steps}"
+        shutil.copytree(out / "train" / "stage1", train / "stage1")
+        trainer = ThreeStageTrainer(tiny_dataset, TrainerConfig(**{
+            **saved, "schedule_prior_steps": steps}), train, progress=False)
+        trainer.stage2(trainer.stage1(resume=True), resume=False)
+        done = json.loads((train / "stage2" / "done.json").read_text())
+        last = torch.load(train / "stage2" / "checkpoint.pt", weights_only=False)
+        results.append((done, last))
+        assert (train / "stage2" / "prior.pt").is_file() == (steps > 0)
+    (done0, last0), (done1, last1) = results
+    assert done0["best_val_score"] == done1["best_val_score"] and "kept" not in done0
+    weights = [list(_tensors(last["algorithm"])) for last in (last0, last1)]
+    assert len(weights[0]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
