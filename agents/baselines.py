@@ -16,7 +16,7 @@ to playing them in the env; the chosen schedule is then reported through the env
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -132,13 +132,15 @@ def search_open_loop(
 
 
 def best_schedule(table: list[dict], max_gflops: float | None = None,
-                  name: str = "open-loop") -> OpenLoopPolicy:
-    """The best schedule of a :func:`search_open_loop` table by val mAP (ties -> fewer GFLOPs),
-    among those costing at most ``max_gflops`` per video on val when given (the open-loop
-    schedule at a learned policy's cost: a policy that uses its observations should beat the
-    best blind one that spends no more). The initial-only schedule always qualifies."""
+                  name: str = "open-loop",
+                  score: Callable[[dict], float] = lambda row: row["mAP"]) -> OpenLoopPolicy:
+    """The best schedule of a :func:`search_open_loop` table by ``score`` (default val mAP;
+    ties -> fewer GFLOPs), among those costing at most ``max_gflops`` per video on val when
+    given (the open-loop schedule at a learned policy's cost: a policy that uses its
+    observations should beat the best blind one that spends no more). The initial-only
+    schedule always qualifies."""
     fewest = min(r["frames_per_video"] for r in table)
     fits = [r for r in table if max_gflops is None or r["gflops_per_video"] <= max_gflops
             or r["frames_per_video"] == fewest]
-    best = max(fits, key=lambda r: (round(r["mAP"], 9), -r["gflops_per_video"]))
+    best = max(fits, key=lambda r: (round(score(r), 9), -r["gflops_per_video"]))
     return OpenLoopPolicy(best["schedule"], name=name)

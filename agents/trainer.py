@@ -45,7 +45,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from agents.baselines import search_open_loop
+from agents.baselines import best_schedule, search_open_loop
 from agents.ctde_sac import (
     CTDESAC,
     SACConfig,
@@ -65,6 +65,7 @@ from agents.stage1 import LIGHT_RECOGNIZER, Stage1Config, train_stage1
 from agents.stage1 import SELECTED as STAGE1_SELECTED
 from features.atomic import atomic_path, torch_save_atomic, write_text_atomic
 from features.source import CachedFrameSource, FrameSource
+from vimo_env.core import observed_step
 from vimo_env.gym_env import VideoLocatorsVectorEnv
 from vimo_env.recognizer import Recognizer
 
@@ -209,10 +210,12 @@ class ThreeStageTrainer:
             self._logger = TensorboardLogger(SummaryWriter(str(self.out / "tb")))
         return self._logger
 
-    def _env_factory(self, recognizer: Recognizer):
+    def _env_factory(self, recognizer: Recognizer, locator_credit: bool | None = None):
         c = self.config
         source = self.train_source
-        credit = c.sac_config().difference_credit > 0  # the learner reads info["locator_credit"]
+        # default: as the learner needs it (it reads info["locator_credit"])
+        credit = (c.sac_config().difference_credit > 0 if locator_credit is None
+                  else locator_credit)
 
         def factory(num_envs: int, seed: int) -> VideoLocatorsVectorEnv:
             return VideoLocatorsVectorEnv(
@@ -405,17 +408,17 @@ class ThreeStageTrainer:
                                     stride=c.stride, progress=self.progress)
         for row in table:
             row["objective"] = row["p_gt"] - self.frame_cost * row["frames_per_video"]
-        best = max(table, key=lambda r: (round(r["objective"], 9), -r["frames_per_video"]))
-        schedule = torch.tensor(list(best["schedule"]) + [0] * (c.max_moves + 1
-                                                               - len(best["schedule"])))
+        chosen = best_schedule(table, score=lambda r: r["objective"]).schedule
+        best = next(r for r in table if r["schedule"] == chosen)
+        schedule = torch.tensor(chosen + [0] * (c.max_moves + 1 - len(chosen)))
         num_envs = min(256, self.train_source.num_videos)
-        env = self._env_factory(recognizer)(num_envs, c.seed + 7)
+        # the clone needs observations only: no per-locator credit pass in this env
+        env = self._env_factory(recognizer, locator_credit=False)(num_envs, c.seed + 7)
         obs, _ = env.reset(seed=c.seed + 7)
         observations, alive, actions = [], [], []
         for _ in range(4 * (c.max_moves + 2)):  # ~4 episodes per row (autoreset)
             observation = torch.as_tensor(obs["observation"], dtype=torch.float32)
-            step = torch.round(observation[..., -1] * c.max_moves).long().clamp(0, c.max_moves)
-            action = schedule[step]
+            action = schedule[observed_step(observation, c.max_moves)]
             observations.append(observation)
             alive.append(torch.as_tensor(obs["alive"]).bool())
             actions.append(action)

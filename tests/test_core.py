@@ -9,7 +9,7 @@ import pytest
 import torch
 from env_helpers import ArraySource, tiny_recognizer
 
-from vimo_env.core import LocatorCore, VideoSampler
+from vimo_env.core import LocatorCore, VideoSampler, observed_step
 
 LENGTHS = [10, 7, 2, 1, 13, 4, 30]
 
@@ -488,3 +488,16 @@ def test_dense_gather_of_a_cheap_source_equals_reading_only_the_moved_frames():
             torch.testing.assert_close(getattr(a, field), getattr(b, field))
     assert reads and all(n % 3 == 0 for n in reads)  # every locator of every stepped row
     torch.testing.assert_close(sparse.trajectories, dense.trajectories)
+
+
+def test_observed_step_reads_the_step_counter_back_from_every_observation():
+    """observed_step (what a fixed schedule acts on) equals the core's step counter on every
+    row and locator, through a whole episode, for m = 4 and m = 6."""
+    for m in (4, 6):
+        core, _, _ = make_core([100, 40], locators=3, max_moves=m)
+        core.reset(torch.tensor([0, 1]))
+        for _ in range(m):
+            got = observed_step(core.observation, m)
+            assert torch.equal(got, core.steps.unsqueeze(1).expand(-1, 3))
+            out = core.step(torch.ones(2, 3, dtype=torch.long))
+        assert out.done.all()

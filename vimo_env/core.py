@@ -159,6 +159,13 @@ class CoreStep(CoreObs):
     finished: EpisodeBatch | None
 
 
+def observed_step(observation: torch.Tensor, max_moves: int) -> torch.Tensor:
+    """The step counter ``t`` every observation carries (its last entry, ``t / m``), as a long
+    tensor of the observation's leading shape: what a policy of the step index alone (a fixed
+    schedule) reads."""
+    return torch.round(observation[..., -1] * max_moves).long().clamp(0, max_moves)
+
+
 def same_device(a: str | torch.device, b: str | torch.device) -> bool:
     """Whether two devices are the same one (``"cuda"`` is the current CUDA device)."""
     a, b = torch.device(a), torch.device(b)
