@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +35,13 @@ import torch
 
 from agents.evaluate import EvalResult, evaluate_policy
 from agents.peers import adafocus, afnet, liteeval, nsnet
-from agents.peers.harness import FrameCosts, gather_batch, matched_uniform, sample_frames
+from agents.peers.harness import (
+    FrameCosts,
+    PeerResult,
+    gather_batch,
+    matched_uniform,
+    sample_frames,
+)
 from features.atomic import atomic_path, write_text_atomic
 from features.pairs import GLANCE_GMACS_PER_FRAME, FeaturePair, make_glance_features
 from features.synthetic import GMACS_PER_FRAME as RESNET50_GMACS_PER_FRAME
@@ -181,7 +188,7 @@ def run_peer(name: str, pair: FeaturePair, args: Any, folder: Path, resume: bool
     saved = _finished(name, folder, args, pair) if resume else None
     if saved is None:
         result = module.run(pair, args, out=folder)
-        record = {k: v for k, v in result.items() if k != "model"}
+        record = {k: v for k, v in result.items() if k not in ("model", "test")}
         write_text_atomic(folder / f"{name}.json", json.dumps(
             {**record, "glance": str(pair.glance_path.resolve()),
              "focus": str(pair.focus_path.resolve())}, indent=1))
@@ -194,7 +201,7 @@ def run_peer(name: str, pair: FeaturePair, args: Any, folder: Path, resume: bool
     uniform = matched_uniform(splits["train"], splits["test"], test.gflops_per_video, costs)
     return {"row": test.row(), "uniform": uniform.row(), "val": val.summary(),
             "summary": test.summary(), "train": saved["train"], "args": asdict(args),
-            "model": model, "resumed": True, "time_s": time.perf_counter() - t0}
+            "model": model, "test": test, "resumed": True, "time_s": time.perf_counter() - t0}
 
 
 @torch.no_grad()
@@ -252,9 +259,12 @@ def peer_rows(peers: dict) -> list[EvalResult]:
 
 
 def run_peers(pair: FeaturePair, names: list[str], budget: str, seed: int, folder: Path,
-              resume: bool, glance_info: dict) -> dict:
+              resume: bool, glance_info: dict,
+              on_test: Callable[[str, PeerResult, list[str]], None] | None = None) -> dict:
     """Every named peer on ``pair``: the ``results.json["peers"]`` record (the models are
-    dropped; their batch-1 latency is measured here)."""
+    dropped; their batch-1 latency is measured here). ``on_test(name, result, video_ids)``
+    receives each peer's test :class:`PeerResult` (scores and frame selections, e.g. for the
+    trajectory figure) with the test split's video ids."""
     folder.mkdir(parents=True, exist_ok=True)
     splits = {s: pair.load(s) for s in ("train", "val", "test")}
     methods = {}
@@ -262,6 +272,8 @@ def run_peers(pair: FeaturePair, names: list[str], budget: str, seed: int, folde
         args = peer_args(name, budget, seed)
         result = run_peer(name, pair, args, folder, resume, splits)
         latency = peer_latency_ms(result["model"], splits["test"], args.num_frames)
+        if on_test is not None:
+            on_test(name, result["test"], list(splits["test"].video_ids))
         train = {k: v for k, v in result["train"].items() if k != "history"}
         methods[name] = {"row": result["row"], "uniform": result["uniform"],
                          "val": result["val"], "train": train, "args": result["args"],

@@ -9,9 +9,11 @@ without the dataset's features or any model:
   change of colour is a change of content), the ground-truth semantic units per frame where
   the dataset knows them (PhotoUnits plans, the synthetic generator's ``frame_units``), and
   the video file with the frame rate of the features, where there is one (thumbnails);
-* per strategy (``random-25``, ``uniform-25``, ``adaptive``, then any other env-driven policy,
-  e.g. the peers): each locator's observed frames in order, and the strategy's probability of
-  the true class and predicted class on that video.
+* per strategy (``random-25``, ``uniform-25``, ``adaptive``, then any other env-driven
+  policy): each locator's observed frames in order, and the strategy's probability of the true
+  class and predicted class on that video;
+* per glance/focus peer (``liteeval``, ``afnet``, ...; kind ``peer``, :func:`peer_row`): the
+  frames it glanced and the frames it focused (two lanes), with the same two numbers.
 
 Format ``vimo-trajectories`` version 1 (see :func:`collect_trajectories`).
 """
@@ -40,6 +42,8 @@ VERSION = 1
 DEFAULT_STRATEGIES = ("random-25", "uniform-25", "adaptive")
 #: Policies never drawn by default: one frame per locator, or one fixed schedule for all.
 SKIPPED_STRATEGIES = frozenset({"initial", "open-loop", "open-loop@adaptive", "all"})
+#: The lanes of a glance/focus peer's row (kind ``peer``): frames glanced, frames focused.
+PEER_LANES = ("glance", "focus")
 
 
 def choose_videos(source: FrameSource, count: int = 4,
@@ -294,6 +298,32 @@ def strategy_rows(source: FrameSource, results: Sequence[Any], indices: Sequence
             per_video.append(entry)
         rows.append({"name": name, "kind": kind, "videos": per_video})
     return rows
+
+
+def peer_row(name: str, result: Any, video_ids: Sequence[str], record: dict[str, Any]
+             ) -> dict[str, Any] | None:
+    """A glance/focus peer's ``strategies`` row for the videos of ``record`` (a
+    ``vimo-trajectories`` record), from its :class:`agents.peers.harness.PeerResult` on the
+    split whose video ids are ``video_ids``: two lanes per video, the frames it glanced and the
+    frames it focused, with P(true class) and the prediction. None when the peer's split lacks
+    one of the record's videos or the result kept no frame selections."""
+    selection = getattr(result, "record", None)
+    if selection is None:
+        return None
+    where = {vid: k for k, vid in enumerate(video_ids)}
+    if any(v["video_id"] not in where for v in record["videos"]):
+        return None
+    per_video = []
+    for video in record["videos"]:
+        k = where[video["video_id"]]
+        entry: dict[str, Any] = {"frames": [np.flatnonzero(selection.glanced[k]).tolist(),
+                                            np.flatnonzero(selection.focused[k]).tolist()]}
+        if result.scores is not None:
+            scores = np.asarray(result.scores[k], dtype=np.float64)
+            entry["p_true"] = round(float(scores[int(video["label"])]), 4)
+            entry["predicted"] = int(scores.argmax())
+        per_video.append(entry)
+    return {"name": name, "kind": "peer", "lanes": list(PEER_LANES), "videos": per_video}
 
 
 def save_trajectories(path: str | os.PathLike, data: dict[str, Any]) -> Path:

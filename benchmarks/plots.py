@@ -301,7 +301,9 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
     colour strip on top, ground-truth units shaded, dashed segment bounds, each locator's lane
     with its observed frames joined in order and a red bar where it stopped; right (video file
     available) a film strip per locator: its frames in order, grey cells for moves a learned
-    policy did not make.
+    policy did not make. A glance/focus peer's row (kind ``peer``) has two lanes instead, the
+    frames it glanced (grey ticks) and those it focused (dots), and its film strip shows the
+    focused frames.
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -312,10 +314,10 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
     m = int(data["max_moves"])
     labels = data.get("unit_labels")
     colors = _unit_colors(labels)
-    # thumbnails per video: every frame any strategy observed, decoded once
+    # thumbnails per video: every frame a film strip shows, decoded once
     thumbs: list[dict[int, np.ndarray]] = []
     for k, video in enumerate(videos):
-        frames = sorted({t for s in strategies for lane in s["videos"][k]["frames"]
+        frames = sorted({t for s in strategies for lane in _strip_lanes(s, k)
                          for t in lane[:MAX_THUMBNAILS]})
         thumbs.append(_thumbnails(video, frames, thumb_size) if thumbnails else {})
     lane_hs = [0.44 if t else 0.2 for t in thumbs]  # lanes as tall as a thumbnail
@@ -338,8 +340,7 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
         has_thumbs = bool(thumbs[k])
         lane_h, row_h = lane_hs[k], row_hs[k]
         slots = max(1, min(MAX_THUMBNAILS, max(
-            max((len(lane) for lane in s["videos"][k]["frames"]), default=1)
-            for s in strategies)))
+            max((len(lane) for lane in _strip_lanes(s, k)), default=1) for s in strategies)))
         if any(s["kind"] == "policy" for s in strategies):
             slots = max(slots, min(MAX_THUMBNAILS, m + 1))
         strip_w = min(content * 0.48, slots * lane_h * 1.06) if has_thumbs else 0.0
@@ -348,11 +349,13 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
             y -= row_h
             entry = strat["videos"][k]
             lanes = entry["frames"]
+            peer = strat["kind"] == "peer"
+            lane_names = strat.get("lanes") or [f"L{i}" for i in range(len(lanes))]
             ax = fig.add_axes((left / width, (y + 0.06) / height, line_w / width,
                                (row_h - 0.12) / height))
             panels += 1
             ax.set_xlim(0, T + 0.9)  # room for a stop after the last frame
-            ax.set_ylim(N - 0.5, -1.05)
+            ax.set_ylim(max(N, len(lanes)) - 0.5, -1.05)
             ax.imshow(np.asarray(video["colors"], dtype=float)[None], aspect="auto",
                       extent=(0, T, -0.62, -0.98), interpolation="nearest", zorder=1)
             ax.set_xlim(0, T + 0.9)  # (imshow resets the limits)
@@ -367,21 +370,28 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
             for i, lane in enumerate(lanes):
                 ax.axhline(i, color="0.75", lw=0.6, zorder=1)
                 xs = [t + 0.5 for t in lane]
+                if peer:  # no order and no stops: one pass over the sampled frames
+                    style = (dict(marker="|", ms=7, mew=1.2, color="0.35") if i == 0 else
+                             dict(marker="o", ms=4.2, color="#08306b", mec="white", mew=0.6))
+                    ax.plot(xs, [i] * len(xs), ls="none", zorder=4, **style)
+                    continue
                 ax.plot(xs, [i] * len(xs), "-", color="#08306b", lw=1.0, zorder=3)
                 ax.plot(xs, [i] * len(xs), "o", ms=4.2, color="#08306b", mec="white",
                         mew=0.6, zorder=4)
                 if xs:
                     ax.plot([xs[-1] + 0.5], [i], marker="|", ms=12, mew=2.2,
                             color="#d62728", zorder=5)
-            ax.set_yticks(range(N), [f"L{i}" for i in range(N)], fontsize=7)
+            ax.set_yticks(range(len(lanes)), lane_names, fontsize=7)
             ax.tick_params(axis="y", length=0, pad=2)
             ax.tick_params(axis="x", labelsize=7, length=2)
             if j < len(strategies) - 1:
                 ax.set_xticklabels([])
             else:
                 ax.set_xlabel("frame", fontsize=8, labelpad=1)
-            frames_seen = sum(len(lane) for lane in lanes)
-            note = f"{frames_seen} frames"
+            if peer:
+                note = f"{len(lanes[0])} glanced\n{len(lanes[1])} focused"
+            else:
+                note = f"{sum(len(lane) for lane in lanes)} frames"
             if "p_true" in entry:
                 ok = entry.get("predicted") == video["label"]
                 note += f"\nP(y) = {entry['p_true']:.2f} {'✓' if ok else '✗'}"
@@ -393,7 +403,8 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
                 thumb_panels += 1
                 thumb_count += _film_strip(fig, (left + line_w + 0.15) / width,
                                            (y + 0.06) / height, strip_w / width,
-                                           (row_h - 0.12) / height, lanes, thumbs[k], slots,
+                                           (row_h - 0.12) / height, _strip_lanes(strat, k),
+                                           thumbs[k], slots,
                                            strat["kind"] == "policy" and m + 1 <= slots,
                                            m + 1, thumb_size)
     handles = [Line2D([], [], color="#08306b", marker="o", ms=5, mec="white",
@@ -402,6 +413,9 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
                       label="stop"),
                Line2D([], [], color="0.45", ls="--", label="segment bound"),
                Patch(facecolor=(0.55, 0.45, 0.65), label="top strip: features (PCA → RGB)")]
+    if any(s["kind"] == "peer" for s in strategies):
+        handles.insert(2, Line2D([], [], color="0.35", marker="|", ms=7, mew=1.2, ls="none",
+                                 label="peer: glanced frame (its strip: focused frames)"))
     if labels:
         for code in sorted(used_codes):
             handles.append(Patch(facecolor=colors.get(code, "0.8"), alpha=0.6,
@@ -412,8 +426,16 @@ def trajectory_figure(data: dict[str, Any], *, thumbnails: bool = True,
                      if labels else f"{data.get('split', 'test')} videos",
                title_fontsize=9)
     return fig, {"panels": panels, "thumbnail_panels": thumb_panels,
+                 "peer_panels": len(videos) * sum(s["kind"] == "peer" for s in strategies),
                  "thumbnails": thumb_count, "videos": len(videos),
                  "strategies": [s["name"] for s in strategies]}
+
+
+def _strip_lanes(strategy: dict[str, Any], video: int) -> list[list[int]]:
+    """The lanes a strategy's film strip shows on one video: every locator's frames, or a
+    peer's focused frames (its glanced frames are the cheap low-resolution views)."""
+    lanes = strategy["videos"][video]["frames"]
+    return [lanes[1]] if strategy["kind"] == "peer" else lanes
 
 
 def _film_strip(fig: Any, x: float, y: float, w: float, h: float, lanes: Sequence[Sequence[int]],

@@ -99,7 +99,11 @@ from agents.trainer import (  # noqa: E402
     source_for,
 )
 from benchmarks import comparison, plots  # noqa: E402
-from benchmarks.figure_data import collect_trajectories, save_trajectories  # noqa: E402
+from benchmarks.figure_data import (  # noqa: E402
+    collect_trajectories,
+    peer_row,
+    save_trajectories,
+)
 from benchmarks.machine import dense_matmul_gflops, peak_rss_gb  # noqa: E402
 from features.atomic import atomic_path, write_text_atomic  # noqa: E402
 from features.photounits import PRESETS as PHOTOUNITS_PRESETS  # noqa: E402
@@ -465,8 +469,16 @@ def _run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, res
         glance, built = comparison.ensure_stand_in(path, glance, args.data_seed)
         pair = comparison.FeaturePair(glance, path)
     seed = result["config"]["seed"]
+    figure = result.get("trajectories")
+
+    def add_to_figure(name: str, test: Any, video_ids: list[str]) -> None:
+        row = peer_row(name, test, video_ids, figure) if figure is not None else None
+        if row is not None:  # a panel per peer in trajectories.png (Figure 4)
+            figure["strategies"].append(row)
+
     peers = comparison.run_peers(pair, args.peers, budget, seed, out / "train" / "peers",
-                                 args.resume, comparison.glance_record(pair, built))
+                                 args.resume, comparison.glance_record(pair, built),
+                                 on_test=add_to_figure)
     handles = result.get("handles")
     if handles is not None:
         peers["latency"]["vimo_ms"] = comparison.vimo_latency_ms(

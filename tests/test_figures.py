@@ -5,6 +5,7 @@ sizes, never pixels). The figures of a real tiny run are tested in test_run_marl
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import av
 import gymnasium
@@ -13,8 +14,14 @@ import pytest
 from env_helpers import tiny_recognizer, write_tiny_h5
 
 import vimo_env  # noqa: F401 - registers VideoLocators-v0
+from agents.peers.harness import SelectionRecord
 from benchmarks import plots
-from benchmarks.figure_data import feature_colors, load_trajectories, save_trajectories
+from benchmarks.figure_data import (
+    feature_colors,
+    load_trajectories,
+    peer_row,
+    save_trajectories,
+)
 from features.video_writer import write_video
 from vimo_env.render import FramePixels, decode_thumbnails, render_rgb, video_files
 
@@ -162,13 +169,40 @@ def test_trajectory_figure_panels_thumbnails_and_size(h5_with_videos, tmp_path):
     assert info["strategies"] == ["random-25", "uniform-25", "adaptive"]
     assert info["thumbnail_panels"] == 3 and info["thumbnails"] == 3 * 5  # video 0 only
     assert (tmp_path / "t.png").stat().st_size == info["bytes"] < 300_000
-    # a peer policy's trajectories are drawn as one more strategy
-    more = plots.plot_trajectories(_record(None, ("uniform-25", "adaptive", "liteeval")),
+    # an env-driven policy's trajectories are drawn as one more strategy
+    more = plots.plot_trajectories(_record(None, ("uniform-25", "adaptive", "other")),
                                    tmp_path / "u.png")
-    assert more["panels"] == 2 * 3 and more["thumbnails"] == 0
+    assert more["panels"] == 2 * 3 and more["thumbnails"] == 0 and more["peer_panels"] == 0
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="vimo-trajectories"):
         load_trajectories(tmp_path / "bad.json")
+
+
+def test_peer_rows_show_glanced_and_focused_frames(h5_with_videos, tmp_path):
+    """A glance/focus peer's test selections become a two-lane row (glance, focus) of the
+    record's videos, found by video id whatever the peer split's order; its film strip shows
+    the focused frames."""
+    record = _record(video_files(h5_with_videos)["vid0"])
+    glanced = np.zeros((3, 12), bool)
+    focused = np.zeros((3, 12), bool)
+    glanced[:, [1, 5, 9]] = True
+    focused[2, [5]] = True  # the peer's split lists vid0 last
+    focused[0, [1, 9]] = True  # and vid1 first
+    selection = SelectionRecord(np.array([12, 12, 12]), glanced, focused, np.zeros(3))
+    scores = np.array([[0.2, 0.8], [0.5, 0.5], [0.9, 0.1]])
+    result = SimpleNamespace(record=selection, scores=scores)
+    row = peer_row("liteeval", result, ["vid1", "other", "vid0"], record)
+    assert row["kind"] == "peer" and row["lanes"] == ["glance", "focus"]
+    assert [v["frames"] for v in row["videos"]] == [[[1, 5, 9], [5]], [[1, 5, 9], [1, 9]]]
+    assert [v["p_true"] for v in row["videos"]] == [0.9, 0.8]  # labels 0 and 1
+    assert [v["predicted"] for v in row["videos"]] == [0, 1]
+    assert peer_row("liteeval", result, ["vid1", "other"], record) is None  # vid0 missing
+    record["strategies"].append(row)
+    info = plots.plot_trajectories(record, tmp_path / "p.png")
+    assert info["panels"] == 2 * 4 and info["peer_panels"] == 2
+    assert info["strategies"][-1] == "liteeval"
+    assert info["thumbnail_panels"] == 4 and info["thumbnails"] == 3 * 5 + 1  # its focus frame
+    assert (tmp_path / "p.png").stat().st_size == info["bytes"] < 300_000
 
 
 def test_save_png_shrinks_to_the_size_limit(tmp_path):

@@ -475,7 +475,8 @@ def test_photounits_run_end_to_end(run_marl, tmp_path):
 
 def test_tiny_run_draws_its_figures_from_its_files(full_run, tmp_path):
     """trajectories.json (a few test videos of different classes, random-25 / uniform-25 /
-    adaptive) and the figures; python -m benchmarks.plots redraws them without training."""
+    adaptive, then each peer's glanced and focused frames) and the figures; python -m
+    benchmarks.plots redraws them without training."""
     import subprocess
     import sys
 
@@ -485,7 +486,7 @@ def test_tiny_run_draws_its_figures_from_its_files(full_run, tmp_path):
     out, payload = full_run
     data = load_trajectories(out / "trajectories.json")
     names = [s["name"] for s in data["strategies"]]
-    assert names == ["random-25", "uniform-25", "adaptive"]
+    assert names == ["random-25", "uniform-25", "adaptive", *payload["peers"]["methods"]]
     labels = [v["label"] for v in data["videos"]]
     assert len(labels) == 4 and len(set(labels)) == 4
     assert data["unit_labels"] is not None  # the synthetic generator's units were found
@@ -493,11 +494,17 @@ def test_tiny_run_draws_its_figures_from_its_files(full_run, tmp_path):
         assert len(video["colors"]) == len(video["units"]) == video["length"]
         for s in data["strategies"]:
             lanes = s["videos"][k]["frames"]
-            assert len(lanes) == 3 and all(lane == sorted(lane) for lane in lanes)
+            assert len(lanes) == (2 if s["kind"] == "peer" else 3)
+            assert all(lane == sorted(lane) and all(0 <= t < video["length"] for t in lane)
+                       for lane in lanes)
+            if s["kind"] == "peer":  # focused frames are glanced frames
+                assert set(lanes[1]) <= set(lanes[0]) and lanes[0]
     for name in ("trajectories.png", "map_vs_gflops.png"):
         assert 5_000 < (out / name).stat().st_size < 300_000, name
     drawn = plots.draw_all(out, tmp_path)
-    assert drawn["trajectories.png"]["panels"] == 4 * 3
+    peers = len(payload["peers"]["methods"])
+    assert drawn["trajectories.png"]["panels"] == 4 * (3 + peers)
+    assert drawn["trajectories.png"]["peer_panels"] == 4 * peers > 0
     best = max(p["mAP"] for p in payload["policies"])
     far = any(p["mAP"] < best - plots.ZOOM_SPAN for p in payload["policies"])
     assert drawn["map_vs_gflops.png"]["panels"] == (2 if far else 1)

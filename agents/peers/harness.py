@@ -405,8 +405,9 @@ def run_peer(name: str, args: Any, pair: FeaturePair, train: Any, evaluate: Any,
     """Train (train split), select (val mAP), score (test) and compare with uniform sampling
     at the same GFLOPs. ``train(pair, args, train_split, val_split, log=)`` returns
     ``(model, info)``; ``evaluate(model, split, costs, args)`` a :class:`PeerResult`. Returns
-    ``{"row", "uniform", "val", "summary", "train", "args", "model"}``: ``row`` and
-    ``uniform`` are SPEC section 7 ``policies`` entries (test split)."""
+    ``{"row", "uniform", "val", "summary", "train", "args", "model", "test"}``: ``row`` and
+    ``uniform`` are SPEC section 7 ``policies`` entries (test split); ``model`` and ``test``
+    (the test :class:`PeerResult`, with its scores and frame selections) are not JSON."""
     splits = {s: pair.load(s) for s in ("train", "val", "test")}
     costs = FrameCosts.from_pair(pair)
     model, info = train(pair, args, splits["train"], splits["val"], log=log)
@@ -417,7 +418,8 @@ def run_peer(name: str, args: Any, pair: FeaturePair, train: Any, evaluate: Any,
         Path(out).mkdir(parents=True, exist_ok=True)
         save_peer(name, model, args, pair, Path(out) / f"{name}.pt")
     return {"row": test.row(), "uniform": uniform.row(), "val": val.summary(),
-            "summary": test.summary(), "train": info, "args": asdict(args), "model": model}
+            "summary": test.summary(), "train": info, "args": asdict(args), "model": model,
+            "test": test}
 
 
 def peer_cli(name: str, args_cls: type, run: Any, doc: str,
@@ -434,7 +436,8 @@ def peer_cli(name: str, args_cls: type, run: Any, doc: str,
     ns = vars(parser.parse_args(argv))
     glance, focus, out = ns.pop("glance"), ns.pop("focus"), ns.pop("out")
     result = run(FeaturePair(glance, focus), args_cls(**ns), out, log=True)
-    result.pop("model")
+    for key in ("model", "test"):  # not JSON
+        result.pop(key)
     print(json.dumps({k: result[k] for k in ("row", "uniform", "val")}, indent=1))
     if out is not None:
         write_text_atomic(Path(out) / f"{name}.json", json.dumps(result, indent=1))
