@@ -350,7 +350,7 @@ class Schedule:
     """How many env steps BenchMARL collects per iteration and how much it trains on them.
 
     An env step is one row of the batched env advanced by one step (one joint transition),
-    the unit of BenchMARL's ``frames`` and of :func:`agents.ctde_sac.train_sac`'s env steps.
+    the unit of BenchMARL's ``frames`` and of :func:`agents.sac_training.train_sac`'s env steps.
     Off-policy (MASAC, IQL): ``off_policy_frames`` per iteration, then
     ``round(updates_per_env_step * off_policy_frames)`` gradient steps of ``batch_size``.
     On-policy (MAPPO, IPPO): ``on_policy_frames`` per iteration, ``ppo_epochs`` passes over

@@ -23,16 +23,15 @@ Tianshou supplies the replay buffer, the collector (fed by ``agents.tianshou_env
 returns (``compute_nstep_return`` handles the [batch, N] per-locator targets), Polyak updates,
 optimizer factories, the off-policy trainer and its TensorBoard logger.
 
-Paper values (App. A, App. E) and our reading of them are in ``SACConfig``.
+Paper values (App. A, App. E) and our reading of them are in ``SACConfig``. As in Tianshou 2,
+the algorithm is apart from its networks (:mod:`agents.ctde_nets`) and its training loop
+(:mod:`agents.sac_training`: ``train_sac``, seeding, resume).
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +39,18 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gymnasium.vector import VectorEnv
 from tianshou.algorithm import DiscreteSAC
 from tianshou.algorithm.algorithm_base import Policy
 from tianshou.algorithm.modelfree.discrete_sac import DiscreteSACTrainingStats
 from tianshou.algorithm.modelfree.sac import AutoAlpha
 from tianshou.algorithm.optim import AdamOptimizerFactory
-from tianshou.data import Batch, Collector, VectorReplayBuffer
+from tianshou.data import Batch
 from tianshou.utils.torch_utils import policy_within_training_step
-from torch import nn
-from tqdm import tqdm
 
-from agents.tianshou_env import TianshouVectorEnvAdapter
-from features.atomic import atomic_path, torch_save_atomic
+from agents.ctde_nets import NUM_ACTIONS, CentralCritic, LocatorActors
+from features.atomic import torch_save_atomic
 from features.validation import require_int
 
-NUM_ACTIONS = 4
 CREDIT_INFO_KEY = "locator_credit"
 
 
@@ -130,102 +125,6 @@ class SACConfig:
             )
         self.actor_hidden = tuple(self.actor_hidden)
         self.critic_hidden = tuple(self.critic_hidden)
-
-
-# --- networks ------------------------------------------------------------------------------
-
-
-class EnsembleLinear(nn.Module):
-    """``N`` independent linear layers applied to ``[B, N, in]`` in one batched matmul."""
-
-    def __init__(self, num_members: int, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_members, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(num_members, out_features))
-        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, per member
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, N, in] x [N, in, out] -> [B, N, out]
-        return torch.einsum("bni,nio->bno", x, self.weight) + self.bias
-
-
-def _mlp(layers: list[nn.Module]) -> nn.Sequential:
-    seq: list[nn.Module] = []
-    for i, layer in enumerate(layers):
-        seq.append(layer)
-        if i < len(layers) - 1:
-            seq.append(nn.ReLU())
-    return nn.Sequential(*seq)
-
-
-class LocatorActors(nn.Module):
-    """Decentralized actors: ``[B, N, obs_dim] -> logits [B, N, 4]``, locator i sees only obs i.
-
-    ``shared=False``: one MLP per locator (batched as ensemble layers). ``shared=True``: one MLP
-    for all, its input extended by a one-hot locator id.
-    """
-
-    def __init__(
-        self, obs_dim: int, num_locators: int, hidden: tuple[int, ...], shared: bool = False
-    ) -> None:
-        super().__init__()
-        self.obs_dim, self.num_locators, self.shared = obs_dim, num_locators, shared
-        sizes = [obs_dim + (num_locators if shared else 0), *hidden, NUM_ACTIONS]
-        if shared:
-            self.net = _mlp([nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
-        else:
-            self.net = _mlp(
-                [EnsembleLinear(num_locators, a, b) for a, b in zip(sizes[:-1], sizes[1:],
-                                                                   strict=True)]
-            )
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        if observation.shape[1:] != (self.num_locators, self.obs_dim):
-            raise ValueError(
-                f"observation must have shape [B, {self.num_locators}, {self.obs_dim}], "
-                f"got {tuple(observation.shape)}"
-            )
-        x = observation
-        if self.shared:
-            ids = torch.eye(self.num_locators, device=x.device, dtype=x.dtype)
-            x = torch.cat([x, ids.expand(x.shape[0], -1, -1)], dim=-1)
-        return self.net(x)
-
-
-class CentralCritic(nn.Module):
-    """Centralized critic: Q_i(s, a_i | a_-i) for every locator i, ``[B, N, 4]``.
-
-    Input of locator i: global state (all observations flattened + alive flags), one-hot id i,
-    one-hot actions of the other locators with stopped ones and i itself zeroed.
-    """
-
-    def __init__(self, obs_dim: int, num_locators: int, hidden: tuple[int, ...]) -> None:
-        super().__init__()
-        self.obs_dim, self.num_locators = obs_dim, num_locators
-        in_dim = num_locators * obs_dim + num_locators + num_locators + num_locators * NUM_ACTIONS
-        sizes = [in_dim, *hidden, NUM_ACTIONS]
-        self.net = _mlp([nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
-        self.register_buffer("others", 1.0 - torch.eye(num_locators), persistent=False)
-        self.register_buffer("ids", torch.eye(num_locators), persistent=False)
-
-    def forward(
-        self, observation: torch.Tensor, alive: torch.Tensor, actions: torch.Tensor
-    ) -> torch.Tensor:
-        b, n = observation.shape[:2]
-        alive = alive.to(observation.dtype)
-        state = torch.cat([observation.reshape(b, -1), alive], dim=-1)
-        onehot = F.one_hot(actions.long(), NUM_ACTIONS).to(observation.dtype) * alive[..., None]
-        # others[i, j] = 1 for j != i: row i sees every other locator's (masked) action
-        other_actions = (onehot[:, None, :, :] * self.others[None, :, :, None]).reshape(b, n, -1)
-        local = torch.cat([self.ids.expand(b, -1, -1), other_actions], dim=-1)
-        # first layer on [state, local] split in two: the state part, most of the input, is the
-        # same for every locator, so it is multiplied once per sample instead of N times
-        first, s = self.net[0], state.shape[-1]
-        x = (F.linear(state, first.weight[:, :s], first.bias)[:, None, :]
-             + F.linear(local, first.weight[:, s:]))
-        return self.net[1:](x)
 
 
 # --- policy and algorithm ------------------------------------------------------------------
@@ -522,259 +421,6 @@ def load_checkpoint(algorithm: CTDESAC, path: str | Path) -> dict[str, Any]:
     if isinstance(algorithm.alpha, AutoAlpha) and state["alpha_optim"] is not None:
         algorithm.alpha._optim.load_state_dict(state["alpha_optim"])
     return state.get("extra", {})
-
-
-# --- training ------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy (Tianshou's buffer sampling) and torch (action sampling, init)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states() -> dict[str, Any]:
-    """Python's, numpy's global (Tianshou's buffer sampling) and torch's (action sampling,
-    dropout) generator states, for a checkpoint."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    """Undo :func:`rng_states`."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-
-
-@dataclass
-class TrainResult:
-    """What ``train_sac`` returns."""
-
-    algorithm: CTDESAC  # the last learner, or the best-scoring one when score_fn was given
-    env_steps: int
-    update_steps: int  # Tianshou's update steps: one per collection of collect_env_steps
-    gradient_steps: int  # minibatch updates: update_steps * round(ratio * collect_env_steps)
-    checkpoint: Path | None  # the last state
-    info: Any  # Tianshou's InfoStats
-    best_checkpoint: Path | None = None  # with score_fn: the best-scoring learner (returned)
-    best_score: float | None = None
-    best_env_step: int | None = None  # when the best learner was scored (0: as given)
-
-
-def epoch_plan(env_steps: int, collect_env_steps: int, epoch_env_steps: int) -> tuple[int, int]:
-    """``(epochs, env steps per epoch)`` that train exactly ``env_steps``, rounded up to whole
-    collections (Tianshou collects ``collect_env_steps`` at a time), in epochs of at most
-    ``epoch_env_steps`` (rounded up to one collection).
-
-    Tianshou runs ``max_epochs x epoch_num_steps``; a plain ``ceil`` of epochs overshoots
-    (10,000 steps in epochs of 4,096 would train 12,288). Here the epochs split the budget
-    evenly: 10,000 at 256 per collection -> 40 collections -> 4 epochs of 2,560.
-    """
-    require_int(env_steps, "env_steps", minimum=1)
-    collections = math.ceil(env_steps / collect_env_steps)
-    per_epoch_max = max(1, epoch_env_steps // collect_env_steps)
-    epochs = math.ceil(collections / per_epoch_max)
-    while collections % epochs:  # the fewest epochs that split the collections evenly
-        epochs += 1
-    return epochs, collections // epochs * collect_env_steps
-
-
-EnvFactory = Callable[[int, int], VectorEnv]
-"""``env_factory(num_envs, seed) -> gymnasium VectorEnv`` with the locator Dict observation."""
-
-
-def make_collector(
-    algorithm: CTDESAC, env: VectorEnv | TianshouVectorEnvAdapter, buffer_size: int
-) -> Collector:
-    """A stock Tianshou collector over all rows of a batched env, with its replay buffer."""
-    if not isinstance(env, TianshouVectorEnvAdapter):
-        env = TianshouVectorEnvAdapter(env)
-    buffer = VectorReplayBuffer(buffer_size, len(env))
-    return Collector(algorithm, env, buffer, raise_on_nan_in_buffer=False)
-
-
-def train_sac(
-    env_factory: EnvFactory,
-    config: SACConfig,
-    *,
-    env_steps: int,
-    out_dir: str | Path | None = None,
-    resume: bool = False,
-    algorithm: CTDESAC | None = None,
-    show_progress: bool = False,
-    score_fn: Callable[[CTDESAC], float] | None = None,
-    epoch_callback: Callable[[CTDESAC, int, Any], None] | None = None,
-) -> TrainResult:
-    """Train CTDE SAC for ``env_steps`` transitions with Tianshou's off-policy trainer.
-
-    ``out_dir`` (optional) receives TensorBoard logs (``tb/``), ``checkpoint.pt`` (every epoch
-    and at the end) and ``buffer-<env step>.h5`` (the replay buffer it was saved with).
-    ``resume=True`` reloads both (and the RNG states) and lets
-    the trainer continue from the logged epoch/step counters. ``algorithm`` continues training
-    an existing learner (e.g. Stage III); otherwise one is built for the env's shapes.
-
-    ``score_fn`` (needs ``out_dir``): a held-out score of a learner, higher is better (the
-    trainer passes the val mAP of its deterministic policy). It scores the learner before
-    training and after every epoch, and keeps the best one in ``best.pt``
-    (``TrainResult.best_checkpoint`` / ``best_score``): the policy drifts from epoch to epoch
-    and the last one is not always the best. ``checkpoint.pt`` stays the last state (resume).
-
-    ``epoch_callback`` (needs ``out_dir``): called as ``epoch_callback(learner, env_step,
-    writer)`` after every epoch (once per env step count), ``writer`` the run's TensorBoard
-    ``SummaryWriter``, e.g. to log figures (``benchmarks.plots.trajectory_logger``).
-    """
-    from tianshou.trainer import OffPolicyTrainerParams
-    from tianshou.utils import TensorboardLogger
-    from torch.utils.tensorboard import SummaryWriter
-
-    seed_everything(config.seed)
-    info_keys = (CREDIT_INFO_KEY,) if config.difference_credit else ()
-    env = TianshouVectorEnvAdapter(env_factory(config.num_envs, config.seed), seed=config.seed,
-                                   info_keys=info_keys)
-    space = env.single_observation_space
-    if not isinstance(space, gym.spaces.Dict) or "observation" not in space.spaces:
-        raise ValueError(f"env observation space must be Dict with 'observation', got {space}")
-    num_locators, obs_dim = space["observation"].shape
-    if algorithm is None:
-        algorithm = build_ctde_sac(obs_dim, num_locators, config, observation_space=space)
-    collector = make_collector(algorithm, env, config.buffer_size)
-
-    out = Path(out_dir) if out_dir is not None else None
-    if score_fn is not None and out is None:
-        raise ValueError("train_sac: score_fn needs out_dir (the best learner is saved there)")
-    if epoch_callback is not None and out is None:
-        raise ValueError("train_sac: epoch_callback needs out_dir (it logs to out_dir/tb)")
-    checkpoint = out / "checkpoint.pt" if out else None
-    best_file = out / "best.pt" if out else None
-    best_score, scored_at = -math.inf, -1
-    resumed = bool(resume and checkpoint is not None and checkpoint.is_file())
-    if resume and not resumed:
-        raise FileNotFoundError(f"{checkpoint}: nothing to resume from")
-    start_env_step = start_update_step = 0
-    if resumed:
-        extra = load_checkpoint(algorithm, checkpoint)
-        start_env_step = int(extra.get("env_step", 0))
-        start_update_step = int(extra.get("gradient_step", 0))  # Tianshou's update step
-        best_score = float(extra.get("best_score", -math.inf))
-        scored_at = start_env_step
-        if "rng" in extra:
-            restore_rng_states(extra["rng"])
-        buffer_name = extra.get("buffer")  # the replay buffer saved with this checkpoint
-        if buffer_name is not None:
-            buffer_file = out / buffer_name
-            if not buffer_file.is_file():
-                raise FileNotFoundError(f"{buffer_file}: the replay buffer that {checkpoint} "
-                                        "was saved with is missing")
-            collector.buffer = VectorReplayBuffer.load_hdf5(str(buffer_file))
-    grads_per_update = round(config.updates_per_env_step * config.collect_env_steps)
-    algorithm.critic_only_steps_left = max(
-        0, config.critic_warmup_gradient_steps - start_update_step * grads_per_update)
-    collector.reset(reset_buffer=not resumed)
-    if config.warmup_env_steps and not resumed:
-        collector.collect(n_step=config.warmup_env_steps, random=True)
-
-    logger = None
-    save_fn = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        logger = TensorboardLogger(SummaryWriter(str(out / "tb")), save_interval=1)
-
-        def keep_if_best(env_step: int) -> None:
-            nonlocal best_score, scored_at
-            if score_fn is None or env_step == scored_at:
-                return
-            score, scored_at = float(score_fn(algorithm)), env_step
-            logger.write("val/env_step", env_step, {"score": score})  # -> val/score
-            if score > best_score:
-                best_score = score
-                save_checkpoint(algorithm, best_file, env_step=env_step, score=score)
-
-        if not resumed:
-            keep_if_best(0)  # the learner as given (Stage III: the previous round's)
-        called_at = -1
-
-        def save_fn(epoch: int, env_step: int, gradient_step: int) -> str:
-            nonlocal called_at
-            keep_if_best(env_step)  # before the checkpoint that records best_score
-            if epoch_callback is not None and env_step != called_at:
-                called_at = env_step
-                epoch_callback(algorithm, env_step, logger.writer)
-            # the buffer first, under a name of its own; the checkpoint (weights, counters,
-            # RNG states, the buffer's name) last, atomically; then older buffers go. A kill
-            # anywhere leaves a checkpoint and the buffer it was saved with.
-            buffer_name = f"buffer-{env_step}.h5"
-            with atomic_path(out / buffer_name) as partial:
-                collector.buffer.save_hdf5(str(partial))
-            save_checkpoint(algorithm, checkpoint, epoch=epoch, env_step=env_step,
-                            gradient_step=gradient_step, config=asdict(config),
-                            best_score=best_score, rng=rng_states(), buffer=buffer_name)
-            for old in out.glob("buffer-*.h5"):
-                if old.name != buffer_name:
-                    old.unlink()
-            return str(checkpoint)
-
-    epochs, per_epoch = epoch_plan(env_steps, config.collect_env_steps, config.epoch_env_steps)
-    params = OffPolicyTrainerParams(
-        training_collector=collector,
-        test_collector=None,
-        max_epochs=epochs,
-        epoch_num_steps=per_epoch,
-        collection_step_num_env_steps=config.collect_env_steps,
-        update_step_num_gradient_steps_per_sample=config.updates_per_env_step,
-        batch_size=config.batch_size,
-        logger=logger,
-        save_checkpoint_fn=save_fn,
-        resume_from_log=resumed,
-        verbose=False,
-        show_progress=show_progress,
-    )
-    with _tianshou_bars(show_progress):
-        info = algorithm.run_training(params)
-    # train_step counts this run's collector only; update_step continues the logged counter
-    # (Tianshou passes it to save_fn as "gradient_step", but each update step runs
-    # round(updates_per_env_step * collect_env_steps) gradient steps)
-    total_env_steps = start_env_step + int(info.train_step)
-    total_update_steps = max(int(info.update_step), start_update_step)
-    if save_fn is not None:
-        save_fn(-1, total_env_steps, total_update_steps)
-    best_env_step = None
-    if score_fn is not None:
-        best_env_step = int(load_checkpoint(algorithm, best_file)["env_step"])
-    return TrainResult(
-        algorithm=algorithm,
-        env_steps=total_env_steps,
-        update_steps=total_update_steps,
-        gradient_steps=total_update_steps * grads_per_update,
-        checkpoint=checkpoint,
-        best_checkpoint=best_file if score_fn is not None else None,
-        best_score=best_score if score_fn is not None else None,
-        best_env_step=best_env_step,
-        info=info,
-    )
-
-
-@contextmanager
-def _tianshou_bars(show: bool) -> Iterator[None]:
-    """Tianshou 2.0.1's gradient-update bar passes its own ``disable=`` (off below 20 steps per
-    collection) over the trainer's ``show_progress``, so ``show_progress=False`` still printed
-    it; while hidden, every bar the trainer makes is forced off."""
-    from tianshou.trainer import Trainer
-
-    if show:
-        yield
-        return
-
-    def quiet_tqdm(*args: Any, **kwargs: Any) -> tqdm:
-        return tqdm(*args, **{**kwargs, "disable": True})
-
-    original = Trainer.__dict__["_pbar"]
-    Trainer._pbar = property(lambda self: quiet_tqdm)  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        Trainer._pbar = original  # type: ignore[method-assign]
 
 
 def update_once(algorithm: CTDESAC, buffer: Any, batch_size: int) -> DiscreteSACTrainingStats:

@@ -3,7 +3,7 @@
 * **Stage I** - :func:`agents.stage1.train_stage1`: F_T, F_M and classifier with cross-entropy
   on random 25% per-segment samples.
 * **Stage II** - recognizer frozen; the locators learn with CTDE discrete SAC
-  (:func:`agents.ctde_sac.train_sac`) in the batched env (``VideoLocatorsVectorEnv``). A second
+  (:func:`agents.sac_training.train_sac`) in the batched env (``VideoLocatorsVectorEnv``). A second
   candidate, the best open-loop schedule on val cloned into the actors
   (:meth:`ThreeStageTrainer.schedule_prior`), is kept instead when it scores higher on val.
 * **Stage III** - ``rounds`` alternations of (a) fine-tuning the recognizer for ``K`` epochs on
@@ -33,6 +33,7 @@ losses); tqdm progress bars throughout.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -45,6 +46,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from agents.augment import FeatureNoiseSource, calibrate_noise
 from agents.baselines import best_schedule, search_open_loop
 from agents.ctde_sac import (
     CTDESAC,
@@ -53,13 +55,12 @@ from agents.ctde_sac import (
     clone_actor,
     load_checkpoint,
     save_checkpoint,
-    seed_everything,
-    train_sac,
 )
 from agents.evaluate import evaluate_policy
 from agents.metrics import mean_true_class_probability
 from agents.policies import CTDEActorPolicy
 from agents.probe import linear_probe, stage1_health
+from agents.sac_training import seed_everything, train_sac
 from agents.selection import evaluate_selection, gather_padded
 from agents.stage1 import LIGHT_RECOGNIZER, Stage1Config, train_stage1
 from agents.stage1 import SELECTED as STAGE1_SELECTED
@@ -120,6 +121,10 @@ class TrainerConfig:
     # higher on val (0 = SAC alone, the paper; docs/experiments.md 2c)
     schedule_prior_steps: int = 1000
     sac: dict = field(default_factory=dict)
+    # Gaussian noise on the frames SAC's env reads from the train split (agents.augment), in
+    # units of the recognizer's input std: a number, or "auto" (calibrated on the data, per
+    # SAC part); 0 = none
+    sac_feature_noise: float | str = 0.0
     # Stage III
     stage3_rounds: int = 2
     finetune_epochs: int = 2  # K: recognizer epochs before switching back to SAC
@@ -145,6 +150,11 @@ class TrainerConfig:
         if self.selection_metric not in SELECTION_METRICS:
             raise ValueError(f"TrainerConfig.selection_metric must be one of {SELECTION_METRICS}, "
                              f"got {self.selection_metric!r}")
+        noise = self.sac_feature_noise
+        if not (noise == "auto" or (isinstance(noise, (int, float)) and not isinstance(noise, bool)
+                                    and math.isfinite(noise) and noise >= 0)):
+            raise ValueError(f"TrainerConfig.sac_feature_noise must be a number >= 0 or 'auto', "
+                             f"got {noise!r}")
         for name in ("stage3_critic_warmup", "schedule_prior_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -210,14 +220,16 @@ class ThreeStageTrainer:
             self._logger = TensorboardLogger(SummaryWriter(str(self.out / "tb")))
         return self._logger
 
-    def _env_factory(self, recognizer: Recognizer, locator_credit: bool | None = None):
+    def _env_factory(self, recognizer: Recognizer, locator_credit: bool | None = None,
+                     noise: torch.Tensor | None = None):
         c = self.config
-        source = self.train_source
+        train = self.train_source
         # default: as the learner needs it (it reads info["locator_credit"])
         credit = (c.sac_config().difference_credit > 0 if locator_credit is None
                   else locator_credit)
 
         def factory(num_envs: int, seed: int) -> VideoLocatorsVectorEnv:
+            source = train if noise is None else FeatureNoiseSource(train, noise, seed)
             return VideoLocatorsVectorEnv(
                 num_envs, features=source, recognizer=recognizer, split="train",
                 num_locators=c.num_locators, max_moves=c.max_moves, stride=c.stride,
@@ -271,7 +283,8 @@ class ThreeStageTrainer:
         sac_config = self.config.sac_config(seed_offset, **warmup)
         epoch_callback = (self.sac_epoch_callback(recognizer, self.val_source)
                           if self.sac_epoch_callback is not None else None)
-        result = train_sac(self._env_factory(recognizer), sac_config,
+        result = train_sac(self._env_factory(recognizer, noise=self._feature_noise(
+                               recognizer, part, resume)), sac_config,
                            env_steps=env_steps, out_dir=part,
                            resume=resume and (part / "checkpoint.pt").is_file(),
                            algorithm=algorithm, show_progress=self.progress, score_fn=score_fn,
@@ -284,6 +297,32 @@ class ThreeStageTrainer:
                             "best_env_step": result.best_env_step,
                             "selection_metric": self.config.selection_metric}, done)
         return result_file
+
+    def _feature_noise(self, recognizer: Recognizer, part: Path, resume: bool
+                       ) -> torch.Tensor | None:
+        """The per-dimension noise std for this SAC part's env (None: none); "auto" calibrates
+        it on train and val (:func:`agents.augment.calibrate_noise`) once per part, recorded
+        in ``part/noise.json``."""
+        setting = self.config.sac_feature_noise
+        if setting == 0:
+            return None
+        record_file = part / "noise.json"
+        if setting == "auto":
+            if resume and record_file.is_file():
+                record = json.loads(record_file.read_text())
+            else:
+                record = calibrate_noise(recognizer, self.train_source, self.val_source,
+                                         seed=self.config.seed)
+                part.mkdir(parents=True, exist_ok=True)
+                _write_json_atomic(record, record_file)
+            print(f"{part.name}: feature noise {record['scale']} x input std (train P "
+                  f"{record['train_p']} against val P {record['val_p']:.3f})")
+            scale = float(record["scale"])
+        else:
+            scale = float(setting)
+        if scale == 0:
+            return None
+        return scale * recognizer.input_std.detach().to(self.train_source.device)
 
     # ------------------------------------------------------------ stages
     def stage1(self, resume: bool) -> StageArtifacts:
@@ -599,12 +638,13 @@ def frame_cost_rule(initial: tuple[float, float], uniform: tuple[float, float],
 
 
 # TrainerConfig fields that only Stage II and III read (a Stage I cache is valid for any value)
-LATER_STAGE_SETTINGS = ("stage2_env_steps", "schedule_prior_steps", "sac", "stage3_rounds",
+LATER_STAGE_SETTINGS = ("stage2_env_steps", "schedule_prior_steps", "sac", "sac_feature_noise",
+                        "stage3_rounds",
                         "finetune_epochs", "finetune_lr", "finetune_batch_size",
                         "stage3_env_steps", "stage3_critic_warmup", "select_on_val",
                         "selection_metric")
 # the value a field added later had in effect in runs saved before it existed
-LEGACY_DEFAULTS = {"schedule_prior_steps": 0}
+LEGACY_DEFAULTS = {"schedule_prior_steps": 0, "sac_feature_noise": 0.0}
 
 
 def _check_same_settings(saved: dict, current: dict, path: Path,

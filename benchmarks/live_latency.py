@@ -49,7 +49,7 @@ from vimo_env.recognizer import Recognizer, RecognizerConfig  # noqa: E402
 
 def load_actor(path: str | os.PathLike, device: torch.device) -> torch.nn.Module:
     """The locators' actor network from a CTDE-SAC checkpoint (shapes read from the weights)."""
-    from agents.ctde_sac import LocatorActors
+    from agents.ctde_nets import LocatorActors
 
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or state.get("format") != "vimo-ctde-sac":

@@ -523,7 +523,7 @@ def trajectory_logger(*, max_moves: int, stride: int, count: int = 4, device: st
     videos (of different classes) to TensorBoard.
 
     ``factory(recognizer, val_source)`` returns ``callback(learner, env_step, writer)``
-    (``agents.ctde_sac.train_sac``'s ``epoch_callback``): it runs the learner's deterministic
+    (``agents.sac_training.train_sac``'s ``epoch_callback``): it runs the learner's deterministic
     policy on those videos and adds the figure as image ``tag`` at ``env_step``.
     """
 

@@ -12,20 +12,17 @@ import pytest
 import torch
 from tianshou.data import Batch, ReplayBuffer, VectorReplayBuffer
 
+from agents.ctde_nets import CentralCritic, LocatorActors
 from agents.ctde_sac import (
-    CentralCritic,
-    LocatorActors,
     SACConfig,
     build_ctde_sac,
     clone_actor,
     load_checkpoint,
-    make_collector,
     policy_act,
     save_checkpoint,
-    seed_everything,
-    train_sac,
     update_once,
 )
+from agents.sac_training import make_collector, seed_everything, train_sac
 from agents.toy import UnitCoverageVectorEnv, random_policy_coverage
 
 N, T = 3, 8

@@ -198,9 +198,9 @@ def test_stage2_keeps_the_better_of_sac_and_the_cloned_best_schedule(full_run, t
     the clone visits the schedule's frames, and the part keeps whichever of it and SAC's
     val-best policy scores higher on val."""
     from agents.baselines import open_loop_selection, search_open_loop
-    from agents.ctde_sac import seed_everything
     from agents.evaluate import evaluate_policy
     from agents.policies import CTDEActorPolicy
+    from agents.sac_training import seed_everything
     from agents.trainer import ThreeStageTrainer, TrainerConfig
     from vimo_env.recognizer import Recognizer
 
@@ -321,14 +321,14 @@ def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run,
     """Stage II is interrupted after its first epoch (of two), at the moment its second epoch
     would be checkpointed; --resume must train the missing epoch from the epoch-1 checkpoint
     and end with the same counters as an uninterrupted run."""
-    import agents.ctde_sac as ctde_sac
+    import agents.sac_training as sac_training  # where train_sac saves its checkpoints
 
     reference_dir, reference = full_run
     args = ["--dataset", str(tiny_dataset), "--budget", "tiny", "--out", str(tmp_path),
             "--seed", "0", "--no-progress", "--no-peers"]
     stage2 = tmp_path / "train" / "stage2"
     saves: list[tuple[str, int]] = []  # (part, epoch) of every checkpoint.pt written
-    original = ctde_sac.save_checkpoint
+    original = sac_training.save_checkpoint
     interrupt_at: tuple[str, int] | None = ("stage2", 2)
 
     def save_or_crash(algorithm, path, **extra):
@@ -340,7 +340,7 @@ def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run,
             saves.append((part, extra.get("epoch")))
         return original(algorithm, path, **extra)
 
-    monkeypatch.setattr(ctde_sac, "save_checkpoint", save_or_crash)
+    monkeypatch.setattr(sac_training, "save_checkpoint", save_or_crash)
     with pytest.raises(Interrupted):
         run_marl.main(args)
     assert saves == [("stage2", 1)]  # Stage II stopped after its first of two epochs
@@ -648,7 +648,7 @@ def test_kill_9_inside_a_sac_part_then_resume_finishes_the_same_budget(full_run,
     written its first checkpoint (wherever it then is: collecting, updating, writing the next
     buffer); --resume then finishes every stage with the same counters as an uninterrupted run
     of the same seed, and the checkpoint's buffer is the one it names. (Weights are not
-    compared: the env's in-flight episodes restart on resume; see agents/ctde_sac.py.)"""
+    compared: the env's in-flight episodes restart on resume; see agents/sac_training.py.)"""
     import os
     import signal
     import subprocess
