@@ -202,6 +202,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="behaviour-cloning steps of Stage II's second candidate, the best "
                         "open-loop schedule on val as a policy (default 1000; 0 = SAC alone, "
                         "the paper)")
+    p.add_argument("--sac-feature-noise", type=_noise_setting, default=None,
+                   help="Gaussian noise on the train frames SAC's env reads, in units of the "
+                        "recognizer's input std: a number, or 'auto' (calibrated so the "
+                        "training videos look as new to the recognizer as val ones; default 0)")
     p.add_argument("--selection-metric", choices=SELECTION_METRICS, default=None,
                    help="val score that picks each SAC part's policy and each fine-tuning's "
                         "recognizer: p_gt (mean final P(true class), default) or mAP")
@@ -275,6 +279,7 @@ def trainer_config(args: argparse.Namespace, budget: str) -> TrainerConfig:
                  "stage3_env_steps": args.stage3_steps, "frame_cost": args.frame_cost,
                  "stage3_critic_warmup": args.stage3_critic_warmup,
                  "schedule_prior_steps": args.schedule_prior_steps,
+                 "sac_feature_noise": args.sac_feature_noise,
                  "selection_metric": args.selection_metric,
                  "allow_unhealthy_stage1": True if args.allow_unhealthy_stage1 else None}
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -487,6 +492,20 @@ def _run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, res
     result["extra"]["peers"] = peers
     result.setdefault("phases", {})["peers"] = time.perf_counter() - t0
     return comparison.comparison_table(peers, result["rows"])
+
+
+def _noise_setting(text: str) -> float | str:
+    """``--sac-feature-noise``: 'auto' or a number >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}"
+                                         ) from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}")
+    return value
 
 
 def _arch(options: dict) -> str:
