@@ -120,8 +120,9 @@ def train_sac(
     ``resume=True`` reloads both (and the RNG states) and lets
     the trainer continue from the logged epoch/step counters. The env's in-flight episodes are
     not saved: they restart on resume, so a resumed run trains the same budget with the same
-    counters as an uninterrupted one, but not bit for bit the same weights. ``algorithm`` continues training
-    an existing learner (e.g. Stage III); otherwise one is built for the env's shapes.
+    counters as an uninterrupted one, but not bit for bit the same weights. ``algorithm``
+    continues training an existing learner (e.g. Stage III); otherwise one is built for the
+    env's shapes.
 
     ``score_fn`` (needs ``out_dir``): a held-out score of a learner, higher is better (the
     trainer passes the val mAP of its deterministic policy). It scores the learner before

@@ -125,6 +125,9 @@ class TrainerConfig:
     # units of the recognizer's input std: a number, or "auto" (calibrated on the data, per
     # SAC part); 0 = none
     sac_feature_noise: float | str = 0.0
+    # SAC's training episodes start each locator up to this many frames into its segment
+    # (LocatorCore.set_start_jitter; evaluation always starts on the segment's first frame)
+    sac_start_jitter: int = 0
     # Stage III
     stage3_rounds: int = 2
     finetune_epochs: int = 2  # K: recognizer epochs before switching back to SAC
@@ -155,7 +158,7 @@ class TrainerConfig:
                                     and math.isfinite(noise) and noise >= 0)):
             raise ValueError(f"TrainerConfig.sac_feature_noise must be a number >= 0 or 'auto', "
                              f"got {noise!r}")
-        for name in ("stage3_critic_warmup", "schedule_prior_steps"):
+        for name in ("stage3_critic_warmup", "schedule_prior_steps", "sac_start_jitter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainerConfig.{name} must be an integer >= 0, got {value!r}")
@@ -221,7 +224,7 @@ class ThreeStageTrainer:
         return self._logger
 
     def _env_factory(self, recognizer: Recognizer, locator_credit: bool | None = None,
-                     noise: torch.Tensor | None = None):
+                     noise: torch.Tensor | None = None, start_jitter: int = 0):
         c = self.config
         train = self.train_source
         # default: as the learner needs it (it reads info["locator_credit"])
@@ -230,10 +233,13 @@ class ThreeStageTrainer:
 
         def factory(num_envs: int, seed: int) -> VideoLocatorsVectorEnv:
             source = train if noise is None else FeatureNoiseSource(train, noise, seed)
-            return VideoLocatorsVectorEnv(
+            env = VideoLocatorsVectorEnv(
                 num_envs, features=source, recognizer=recognizer, split="train",
                 num_locators=c.num_locators, max_moves=c.max_moves, stride=c.stride,
                 frame_cost=self.frame_cost, device=c.device, seed=seed, locator_credit=credit)
+            if start_jitter:
+                env.core.set_start_jitter(start_jitter, seed)
+            return env
 
         return factory
 
@@ -283,8 +289,10 @@ class ThreeStageTrainer:
         sac_config = self.config.sac_config(seed_offset, **warmup)
         epoch_callback = (self.sac_epoch_callback(recognizer, self.val_source)
                           if self.sac_epoch_callback is not None else None)
-        result = train_sac(self._env_factory(recognizer, noise=self._feature_noise(
-                               recognizer, part, resume)), sac_config,
+        env_factory = self._env_factory(recognizer,
+                                        noise=self._feature_noise(recognizer, part, resume),
+                                        start_jitter=self.config.sac_start_jitter)
+        result = train_sac(env_factory, sac_config,
                            env_steps=env_steps, out_dir=part,
                            resume=resume and (part / "checkpoint.pt").is_file(),
                            algorithm=algorithm, show_progress=self.progress, score_fn=score_fn,
@@ -639,12 +647,12 @@ def frame_cost_rule(initial: tuple[float, float], uniform: tuple[float, float],
 
 # TrainerConfig fields that only Stage II and III read (a Stage I cache is valid for any value)
 LATER_STAGE_SETTINGS = ("stage2_env_steps", "schedule_prior_steps", "sac", "sac_feature_noise",
-                        "stage3_rounds",
+                        "sac_start_jitter", "stage3_rounds",
                         "finetune_epochs", "finetune_lr", "finetune_batch_size",
                         "stage3_env_steps", "stage3_critic_warmup", "select_on_val",
                         "selection_metric")
 # the value a field added later had in effect in runs saved before it existed
-LEGACY_DEFAULTS = {"schedule_prior_steps": 0, "sac_feature_noise": 0.0}
+LEGACY_DEFAULTS = {"schedule_prior_steps": 0, "sac_feature_noise": 0.0, "sac_start_jitter": 0}
 
 
 def _check_same_settings(saved: dict, current: dict, path: Path,

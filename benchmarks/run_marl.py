@@ -206,6 +206,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Gaussian noise on the train frames SAC's env reads, in units of the "
                         "recognizer's input std: a number, or 'auto' (calibrated so the "
                         "training videos look as new to the recognizer as val ones; default 0)")
+    p.add_argument("--sac-start-jitter", type=int, default=None,
+                   help="SAC's training episodes start each locator up to this many frames into "
+                        "its segment (an augmentation; evaluation starts on the first frame; "
+                        "default 0)")
     p.add_argument("--selection-metric", choices=SELECTION_METRICS, default=None,
                    help="val score that picks each SAC part's policy and each fine-tuning's "
                         "recognizer: p_gt (mean final P(true class), default) or mAP")
@@ -280,6 +284,7 @@ def trainer_config(args: argparse.Namespace, budget: str) -> TrainerConfig:
                  "stage3_critic_warmup": args.stage3_critic_warmup,
                  "schedule_prior_steps": args.schedule_prior_steps,
                  "sac_feature_noise": args.sac_feature_noise,
+                 "sac_start_jitter": args.sac_start_jitter,
                  "selection_metric": args.selection_metric,
                  "allow_unhealthy_stage1": True if args.allow_unhealthy_stage1 else None}
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,5 +1,6 @@
-"""Feature noise for SAC's training env (agents.augment): the noise itself, its calibration
-rule, and the trainer and command-line settings that turn it on."""
+"""Augmentations of SAC's training episodes: feature noise (agents.augment: the noise itself
+and its calibration rule), start jitter (LocatorCore.set_start_jitter), and the trainer
+settings that turn them on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from env_helpers import tiny_recognizer, write_tiny_h5
 
 from agents.augment import FeatureNoiseSource, calibrate_noise
 from agents.trainer import ThreeStageTrainer, TrainerConfig, source_for
+from vimo_env.core import LocatorCore
 
 LENGTHS = [9, 12, 10, 11, 8, 12]
 
@@ -74,3 +76,59 @@ def test_trainer_env_reads_noisy_train_frames_and_bad_settings_are_refused(tiny_
     plain = ThreeStageTrainer(tiny_file, TrainerConfig(frame_cost=0.01), tmp_path / "plain")
     assert plain._feature_noise(recognizer, tmp_path / "x", resume=False) is None
     assert plain._env_factory(recognizer)(2, 0).core.source is plain.train_source
+
+
+def test_start_jitter_stays_in_each_segment_and_is_seeded(tiny_file):
+    train = source_for(tiny_file, "train")  # lengths 9, 12, 10, 11, 8, 12
+    core = LocatorCore(train, tiny_recognizer(), batch_size=6, device="cpu")
+    videos = torch.arange(6)
+    core.reset(videos)
+    T = torch.as_tensor(LENGTHS)[:, None]
+    i = torch.arange(3)[None, :]
+    first, end = i * T // 3, (i + 1) * T // 3  # segment i: frames [first, end)
+    assert torch.equal(core.positions, first)  # no jitter: the paper's starts
+    core.set_start_jitter(2, seed=5)
+    starts = []
+    for _ in range(40):
+        obs = core.reset(videos)
+        assert ((core.positions >= first) & (core.positions <= torch.minimum(first + 2, end - 1))
+                ).all()
+        assert torch.equal(core.trajectories[:, :, 0], core.positions)  # the frame observed
+        assert torch.equal(obs.positions, core.positions)
+        starts.append(core.positions.clone())
+    offsets = torch.stack(starts) - first
+    assert set(offsets.unique().tolist()) == {0, 1, 2}  # every offset occurs
+    core.set_start_jitter(2, seed=5)
+    core.reset(videos)
+    assert torch.equal(core.positions, starts[0])  # same seed, same starts
+    with pytest.raises(ValueError, match="start_jitter"):
+        core.set_start_jitter(-1)
+
+
+def test_sac_parts_get_the_augmented_env_and_the_clone_does_not(tiny_file, tmp_path,
+                                                                 monkeypatch):
+    """The env a SAC part trains in carries the config's start jitter and feature noise; the
+    cloned schedule's data env (and evaluation) keep the paper's episodes."""
+    import agents.trainer as trainer_module
+
+    with pytest.raises(ValueError, match="sac_start_jitter"):
+        TrainerConfig(sac_start_jitter=-2)
+    config = TrainerConfig(sac_start_jitter=4, sac_feature_noise=0.5, frame_cost=0.01)
+    trainer = ThreeStageTrainer(tiny_file, config, tmp_path)
+    recognizer = tiny_recognizer(seed=1)
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def fake_train_sac(env_factory, sac_config, **kwargs):
+        built.append(env_factory(2, 0))
+        raise Built
+
+    monkeypatch.setattr(trainer_module, "train_sac", fake_train_sac)
+    with pytest.raises(Built):
+        trainer._sac(tmp_path / "stage2", recognizer, 256, False, None, 0, 0)
+    assert built[0].core.start_jitter == 4
+    assert isinstance(built[0].core.source, FeatureNoiseSource)
+    clone_env = trainer._env_factory(recognizer, locator_credit=False)(2, 0)
+    assert clone_env.core.start_jitter == 0 and clone_env.core.source is trainer.train_source

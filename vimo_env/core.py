@@ -287,9 +287,21 @@ class LocatorCore:
         self.recognizer_gflops_per_frame, self.recognizer_gflops_per_episode = \
             recognizer_gflops(recognizer, self.flops_unit)
         self.gflops_per_frame = float(source.gflops_per_frame) + self.recognizer_gflops_per_frame
+        self.start_jitter = 0  # see set_start_jitter (training augmentation; 0 = the paper)
+        self._jitter_generator: torch.Generator | None = None
         self.batch_size: int | None = None
         if batch_size is not None:
             self._allocate(require_int(batch_size, "batch_size", minimum=1))
+
+    def set_start_jitter(self, frames: int, seed: int | None = 0) -> None:
+        """Start each locator up to ``frames`` frames after its segment's first frame (uniform,
+        from a generator seeded with ``seed``; never past the segment's last frame), instead of
+        on it (``frames=0``, the paper). A training augmentation: the same training video then
+        gives other frames from one episode to the next, so a policy cannot pay off by
+        remembering which frames worked on each training video. Evaluation keeps 0."""
+        self.start_jitter = require_int(frames, "start_jitter", minimum=0)
+        self._jitter_generator = torch.Generator(device=self.device)
+        self._jitter_generator.manual_seed(0 if seed is None else int(seed))
 
     # ---------------------------------------------------------------- state
     def _allocate(self, batch: int) -> None:
@@ -388,6 +400,12 @@ class LocatorCore:
             labels = self._labels_all[videos]
             start = torch.div(self._locator_index.unsqueeze(0) * T.unsqueeze(1), N,
                               rounding_mode="floor")  # s_i = floor(i T / N)
+            if self.start_jitter:
+                end = torch.div((self._locator_index.unsqueeze(0) + 1) * T.unsqueeze(1), N,
+                                rounding_mode="floor")  # the next segment's first frame
+                offset = torch.randint(0, self.start_jitter + 1, start.shape,
+                                       generator=self._jitter_generator, device=self.device)
+                start = torch.maximum(torch.minimum(start + offset, end - 1), start)
             self.videos[sel] = videos
             self.lengths[sel] = T
             self.labels[sel] = labels
