@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -64,6 +64,16 @@ TINY_PEER_ARGS: dict[str, dict] = {
                      min_steps=100, max_steps=100, eval_every=25),
     "nsnet": dict(d_model=32, heads=4, num_frames=16, min_steps=100, max_steps=100,
                   eval_every=25),
+}
+
+#: Each peer's budget knob (an argument of its dataclass) and the values ``--peer-sweep`` trains
+#: it at, around its default: LiteEval's target focus usage gamma, NSNet's K frames, the focus
+#: ratio of AdaFocus and AFNet-style. ViMo's own knobs are ``--sweep lambda|max_moves``.
+BUDGET_KNOBS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "liteeval": ("gamma", (0.05, 0.1, 0.2)),
+    "afnet": ("ratio", (0.125, 0.25, 0.5)),
+    "adafocus": ("ratio", (0.125, 0.25, 0.5)),
+    "nsnet": ("k", (3, 5, 8)),
 }
 
 #: glance : focus per-frame cost of the stand-in: MobileNetV2 vs ResNet-50 at 224x224
@@ -292,6 +302,49 @@ def run_peers(pair: FeaturePair, names: list[str], budget: str, seed: int, folde
                         "vimo": f"mean over {VIMO_LATENCY_VIDEOS} test episodes at batch 1 "
                                 "(evaluate_policy, batch_size=1)",
                         "vimo_ms": None}}
+
+
+def sweep_peers(pair: FeaturePair, peers: dict, budget: str, seed: int, folder: Path,
+                resume: bool, values: dict[str, Sequence[float]] | None = None) -> dict:
+    """Each peer of ``peers["methods"]`` (a :func:`run_peers` record) trained again at the
+    other values of its budget knob (:data:`BUDGET_KNOBS`, or ``values[name]``): its operating
+    points on the mAP-GFLOPs plane, test split. The knob's default is the run's own point,
+    taken from the record, not retrained. Each point is saved under ``folder/<name>-<knob>-
+    <value>`` and, under ``resume``, loaded when finished. Returns ``{name: {"knob",
+    "points": [{"value", <SPEC section 7 row>}, ...] (by value)}}``."""
+    splits = {s: pair.load(s) for s in ("train", "val", "test")}
+    sweep = {}
+    for name, method in peers["methods"].items():
+        knob, default_values = BUDGET_KNOBS[name]
+        base = peer_args(name, budget, seed)
+        points = [{"value": getattr(base, knob), **method["row"]}]
+        for value in (values or {}).get(name, default_values):
+            kind = type(getattr(base, knob))
+            value = kind(value)
+            if value == getattr(base, knob):
+                continue  # the run's own point
+            args = replace(base, **{knob: value})
+            result = run_peer(name, pair, args, folder / f"{name}-{knob}-{value:g}", resume,
+                              splits)
+            points.append({"value": value, **result["row"]})
+            how = "loaded" if result["resumed"] else "trained"
+            print(f"peers: {name} {knob}={value:g} {how} in {result['time_s']:.1f} s: test mAP "
+                  f"{result['row']['mAP']:.1f} at {result['row']['gflops_per_video']:.2f} GFLOPs")
+        sweep[name] = {"knob": knob, "points": sorted(points, key=lambda p: p["value"])}
+    return sweep
+
+
+def sweep_table(sweep: dict, unit: str) -> str:
+    """The printed table of :func:`sweep_peers`' operating points."""
+    lines = ["", f"Peer operating points (test split; GFLOPs per video in G{unit})",
+             f"{'method':<10} {'knob':<11} {'mAP %':>6} {'GFLOPs':>7} {'glanced':>7} "
+             f"{'focused':>7}"]
+    for name, entry in sweep.items():
+        for p in entry["points"]:
+            lines.append(f"{name:<10} {entry['knob'] + '=' + format(p['value'], 'g'):<11} "
+                         f"{p['mAP']:>6.1f} {p['gflops_per_video']:>7.2f} "
+                         f"{p['frames_glanced']:>7.1f} {p['frames_focused']:>7.1f}")
+    return "\n".join(lines)
 
 
 def glance_record(pair: FeaturePair, built: bool | None) -> dict:

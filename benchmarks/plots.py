@@ -142,8 +142,17 @@ def _zoom_range(values: Sequence[float]) -> tuple[float, float] | None:
 
 
 def _draw_tradeoff(ax: Any, policies: Sequence[dict], stages: Sequence[dict],
-                   sweep: Sequence[dict], sweep_name: str | None, used: dict) -> None:
+                   sweep: Sequence[dict], sweep_name: str | None, used: dict,
+                   peer_sweeps: dict[str, dict] | None = None) -> None:
     from matplotlib import colormaps
+
+    for name, entry in (peer_sweeps or {}).items():  # each peer's budget-knob curve
+        points = sorted(entry["points"], key=lambda q: q["gflops_per_video"])
+        marker, color, _ = _style(name, used)
+        ax.plot([q["gflops_per_video"] for q in points], [q["mAP"] for q in points], "-",
+                color=color, lw=1.1, alpha=0.6, zorder=3)
+        ax.scatter([q["gflops_per_video"] for q in points], [q["mAP"] for q in points],
+                   marker=marker, s=28, color=color, alpha=0.6, zorder=3)
 
     if stages:
         xs = [s["gflops_per_video"] for s in stages]
@@ -187,21 +196,25 @@ def plot_tradeoff(results: dict[str, Any], path: str | os.PathLike, *,
                   sweep: Sequence[dict] | None = None, title: str | None = None,
                   max_bytes: int = MAX_BYTES) -> dict[str, Any]:
     """mAP vs GFLOPs per video of every policy in ``results`` (a parsed ``results.json``), the
-    stages I -> II -> III, and optionally a sweep's adaptive curve; a zoomed panel on the
-    region within :data:`ZOOM_SPAN` mAP of the best point when others sit far below.
-    Returns ``{"panels", "zoom", "bytes", "points"}``."""
+    stages I -> II -> III, optionally a sweep's adaptive curve, and each peer's operating
+    points along its budget knob when the run has them (``results["peers"]["sweep"]``,
+    ``run_marl.py --peer-sweep``); a zoomed panel on the region within :data:`ZOOM_SPAN` mAP of
+    the best point when others sit far below. Returns ``{"panels", "zoom", "bytes", "points",
+    "peer_curves"}``."""
     policies = list(results.get("policies", []))
     stages = list(results.get("stages", []))
     sweep = list(sweep or [])
     sweep_name = sweep[0]["sweep"] if sweep else None
+    peer_sweeps = dict((results.get("peers") or {}).get("sweep") or {})
     unit = results.get("flops_unit", "FLOPs")
-    points = [*policies, *stages, *sweep]
+    points = [*policies, *stages, *sweep,
+              *(q for entry in peer_sweeps.values() for q in entry["points"])]
     zoom = _zoom_range([p["mAP"] for p in points])
     fig = _figure(11.0 if zoom else 7.0, 5.4)
     axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
     used: dict[str, tuple[str, str, float]] = {}
     for ax in axes:
-        _draw_tradeoff(ax, policies, stages, sweep, sweep_name, used)
+        _draw_tradeoff(ax, policies, stages, sweep, sweep_name, used, peer_sweeps)
         ax.set_xlabel(f"G{unit} per video (log scale)")
     axes[0].set_ylabel("mAP (%)")
     axes[0].set_title("all strategies" if zoom else (title or "mAP vs cost, test split"),
@@ -228,7 +241,8 @@ def plot_tradeoff(results: dict[str, Any], path: str | os.PathLike, *,
         fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0.045 * rows + 0.04, 1, 0.95 if title and zoom else 1))
     size = save_png(fig, path, max_bytes=max_bytes)
-    return {"panels": len(axes), "zoom": zoom, "bytes": size, "points": len(points)}
+    return {"panels": len(axes), "zoom": zoom, "bytes": size, "points": len(points),
+            "peer_curves": len(peer_sweeps)}
 
 
 def plot_sweep(results: dict[str, Any], path: str | os.PathLike, *,

@@ -238,6 +238,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="seed peers run on the same features after ViMo (comma-separated; "
                             f"default {','.join(comparison.PEERS)})")
     peers.add_argument("--no-peers", action="store_true", help="skip the peers (a quick run)")
+    p.add_argument("--peer-sweep", action="store_true",
+                   help="also train each peer at two other values of its budget knob (LiteEval "
+                        "gamma, NSNet K, AdaFocus and AFNet-style ratio): their operating "
+                        "points in map_vs_gflops.png and results.json peers.sweep")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads < 1:
@@ -493,10 +497,15 @@ def _run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, res
     if handles is not None:
         peers["latency"]["vimo_ms"] = comparison.vimo_latency_ms(
             path, handles["trainer"], handles["stages"], handles["config"])
+    text = comparison.comparison_table(peers, result["rows"])
+    if args.peer_sweep:
+        peers["sweep"] = comparison.sweep_peers(pair, peers, budget, seed,
+                                                out / "train" / "peers" / "sweep", args.resume)
+        text += "\n" + comparison.sweep_table(peers["sweep"], peers["flops_unit"])
     result["rows"].extend(comparison.peer_rows(peers))
     result["extra"]["peers"] = peers
     result.setdefault("phases", {})["peers"] = time.perf_counter() - t0
-    return comparison.comparison_table(peers, result["rows"])
+    return text
 
 
 def _noise_setting(text: str) -> float | str:

@@ -139,6 +139,14 @@ def test_tradeoff_zooms_only_when_points_sit_far_below(tmp_path):
     assert info["panels"] == 2 and info["values"] == [3, 4, 5, 6]
     with pytest.raises(ValueError, match="no sweep"):
         plots.plot_sweep(far, tmp_path / "none.png")
+    # each peer's budget-knob sweep is one more curve (run_marl.py --peer-sweep)
+    peer_sweep = {name: {"knob": "ratio", "points": [
+        {"value": r, "mAP": y0 + 4 * r, "gflops_per_video": g0 * (1 + 4 * r)}
+        for r in (0.125, 0.25, 0.5)]} for name, y0, g0 in (("afnet", 94.0, 2.0),
+                                                            ("adafocus", 93.0, 2.5))}
+    info = plots.plot_tradeoff({**far, "peers": {"sweep": peer_sweep}}, tmp_path / "peers.png")
+    assert info["peer_curves"] == 2 and info["points"] == 4 + 3 + 2 * 3
+    assert info["panels"] == 2 and info["bytes"] < 300_000
 
 
 def _record(video_file, strategies=("random-25", "uniform-25", "adaptive")):

@@ -227,3 +227,28 @@ def test_defaults_work_on_features_they_were_not_tuned_for(name, variant, tmp_pa
     module, make_args = PEERS[name]
     result = module.run(FeaturePair(glance, focus), make_args(**FAST))
     assert result["row"]["top1"] > 100 / 6 + 25 and result["row"]["mAP"] > 55
+
+
+def test_budget_sweep_trains_the_other_knob_values_and_resumes(tiny_pair, tmp_path, capsys):
+    """--peer-sweep: NSNet at K=3 beside the run's own K=5 point (reused, not retrained);
+    fewer focused frames cost less; a resumed sweep loads the finished point."""
+    from benchmarks import comparison
+
+    folder = tmp_path / "peers"
+    peers = comparison.run_peers(tiny_pair, ["nsnet"], "tiny", 0, folder, False,
+                                 comparison.glance_record(tiny_pair, None))
+    sweep = comparison.sweep_peers(tiny_pair, peers, "tiny", 0, folder / "sweep", False,
+                                   values={"nsnet": (3, 5)})
+    entry = sweep["nsnet"]
+    assert entry["knob"] == "k" and [p["value"] for p in entry["points"]] == [3, 5]
+    low, own = entry["points"]
+    assert own == {"value": 5, **peers["methods"]["nsnet"]["row"]}
+    assert low["frames_focused"] <= 3 < own["frames_focused"] <= 5
+    assert low["gflops_per_video"] < own["gflops_per_video"]
+    assert (folder / "sweep" / "nsnet-k-3" / "nsnet.pt").is_file()
+    assert "trained" in capsys.readouterr().out
+    again = comparison.sweep_peers(tiny_pair, peers, "tiny", 0, folder / "sweep", True,
+                                   values={"nsnet": (3, 5)})
+    assert again == sweep and "nsnet k=3 loaded" in capsys.readouterr().out
+    table = comparison.sweep_table(sweep, "MACs")
+    assert "k=3" in table and "k=5" in table

@@ -575,6 +575,38 @@ def test_lambda_sweep_reuses_stage1_with_the_swept_lambda(run_marl, full_run, tm
     assert not (tmp_path / "sweep" / "train" / "stage1.partial").exists()
 
 
+def test_peer_sweep_adds_each_peers_operating_points(run_marl, full_run, tiny_dataset,
+                                                     tmp_path, monkeypatch, capsys):
+    """--peer-sweep: each peer trained again at another value of its budget knob; the points
+    go to results.json peers.sweep, the printed table and map_vs_gflops.png (one curve per
+    peer); the run's own peers are loaded (--resume), not retrained."""
+    import shutil
+
+    from benchmarks import comparison, plots
+
+    out, payload = full_run
+    shutil.copytree(out / "train" / "peers", tmp_path / "train" / "peers")
+    monkeypatch.setattr(run_marl, "run_once", _fake_run_once(payload))
+    one_more = {"liteeval": ("gamma", (0.3,)), "afnet": ("ratio", (0.5,)),
+                "adafocus": ("ratio", (0.5,)), "nsnet": ("k", (3,))}
+    monkeypatch.setattr(comparison, "BUDGET_KNOBS", one_more)
+    swept = run_marl.main(["--dataset", str(tiny_dataset), "--budget", "tiny", "--out",
+                           str(tmp_path), "--seed", "0", "--no-progress", "--resume",
+                           "--peer-sweep", "--glance", payload["peers"]["glance"]["path"]])
+    sweep = swept["peers"]["sweep"]
+    assert set(sweep) == PEERS and "Peer operating points" in capsys.readouterr().out
+    for name, entry in sweep.items():
+        knob, (value,) = one_more[name]
+        own = swept["peers"]["methods"][name]
+        assert entry["knob"] == knob and own["resumed"]
+        assert sorted(p["value"] for p in entry["points"]) == sorted(
+            [value, own["args"][knob]])
+        assert {p["mAP"] for p in entry["points"]} >= {own["row"]["mAP"]}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["peers"]["sweep"] == sweep
+    assert plots.draw_all(tmp_path)["map_vs_gflops.png"]["peer_curves"] == len(PEERS)
+
+
 def test_resume_loads_finished_peers(run_marl, full_run, tiny_dataset, tmp_path, monkeypatch):
     """--resume: a finished peer (checkpoint and record under DIR/train/peers) is loaded and
     evaluated, not retrained, and scores as the run that trained it; unknown peers are
