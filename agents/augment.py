@@ -25,6 +25,13 @@ NOISE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 CALIBRATION_POLICIES = ("initial", "uniform-10")
 
 
+def stream_seed(seed: int, stream: str) -> int:
+    """A seed for the named random stream derived from ``seed``: generators seeded from one
+    run seed for different purposes draw independent numbers."""
+    key = [int(seed) & 0xFFFFFFFF, *stream.encode()]
+    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class FeatureNoiseSource(FrameSource):
     """``source`` with Gaussian noise ``scale * N(0, 1)`` added to every frame read (fresh noise
     per read, from a generator seeded with ``seed`` on the source's device).
@@ -41,11 +48,20 @@ class FeatureNoiseSource(FrameSource):
                      "labels", "video_ids", "device", "split", "finite_checked",
                      "cheap_gather"):
             setattr(self, name, getattr(source, name))
+        if hasattr(source, "store"):
+            self.store = source.store  # the feature file: error messages and thumbnails
         self.scale = torch.as_tensor(scale, dtype=torch.float32, device=source.device)
+        if self.scale.ndim > 1 or self.scale.numel() not in (1, source.feature_dim):
+            raise ValueError(f"FeatureNoiseSource: scale must be a number or one value per "
+                             f"feature dimension ({source.feature_dim}), got shape "
+                             f"{tuple(self.scale.shape)}")
         if not bool(torch.isfinite(self.scale).all()) or bool((self.scale < 0).any()):
             raise ValueError(f"FeatureNoiseSource: scale must be finite and >= 0, got "
                              f"{self.scale.tolist() if self.scale.numel() < 8 else '...'}")
-        self.generator = torch.Generator(device=source.device).manual_seed(int(seed))
+        # a stream of its own: the same seed elsewhere (torch's global generator, the start
+        # jitter) must not draw the same numbers
+        self.generator = torch.Generator(device=source.device).manual_seed(
+            stream_seed(seed, "feature-noise"))
 
     def begin_episodes(self, videos: torch.Tensor) -> None:
         self.base.begin_episodes(videos)

@@ -15,7 +15,8 @@ without the dataset's features or any model:
 * per glance/focus peer (``liteeval``, ``afnet``, ...; kind ``peer``, :func:`peer_row`): the
   frames it glanced and the frames it focused (two lanes), with the same two numbers.
 
-Format ``vimo-trajectories`` version 1 (see :func:`collect_trajectories`).
+Format ``vimo-trajectories`` version 2 (see :func:`collect_trajectories`): version 1 had no
+peer rows; both are read.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from features.source import FrameSource
 from vimo_env.render import video_files
 
 FORMAT = "vimo-trajectories"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added the peers' rows (kind "peer", "lanes")
 #: Strategies drawn first, in this order (ViMo Figure 4: random, uniform, adaptive).
 DEFAULT_STRATEGIES = ("random-25", "uniform-25", "adaptive")
 #: Policies never drawn by default: one frame per locator, or one fixed schedule for all.
@@ -336,8 +338,9 @@ def save_trajectories(path: str | os.PathLike, data: dict[str, Any]) -> Path:
 def load_trajectories(path: str | os.PathLike) -> dict[str, Any]:
     """Read a ``vimo-trajectories`` record, checking its format and version."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ValueError(f"{path}: not a {FORMAT} v{VERSION} file "
+    if data.get("format") != FORMAT or data.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: not a {FORMAT} file of version "
+                         f"{' or '.join(map(str, READABLE_VERSIONS))} "
                          f"(format={data.get('format')!r}, version={data.get('version')!r})")
     return data
 

@@ -446,6 +446,10 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
                                    if k != "top5"}
         extra["schedule_prior"]["stage2_kept"] = done["kept"]  # "sac" or "schedule prior"
         extra["schedule_prior"]["stage2_sac_val_score"] = done["best_val_score"]
+    noise = {str(f.parent.relative_to(trainer.out)): json.loads(f.read_text())["scale"]
+             for f in sorted(trainer.out.glob("stage[23]/**/noise.json"))}
+    if noise:  # --sac-feature-noise auto: the scale each SAC part calibrated (x input std)
+        extra["sac_feature_noise"] = noise
     extra["stage1_candidates"] = [{**c, "chosen": k == stage1.get("chosen", 0)}
                                   for k, c in enumerate(stage1.get("candidates", []))]
     trajectories = collect_trajectories(  # figure data: a few test videos, every strategy

@@ -4,6 +4,8 @@ settings that turn them on."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from env_helpers import tiny_recognizer, write_tiny_h5
@@ -78,7 +80,7 @@ def test_trainer_env_reads_noisy_train_frames_and_bad_settings_are_refused(tiny_
     assert plain._env_factory(recognizer)(2, 0).core.source is plain.train_source
 
 
-def test_start_jitter_stays_in_each_segment_and_is_seeded(tiny_file):
+def test_start_jitter_stays_in_each_segment_and_is_seeded(tiny_file, tmp_path):
     train = source_for(tiny_file, "train")  # lengths 9, 12, 10, 11, 8, 12
     core = LocatorCore(train, tiny_recognizer(), batch_size=6, device="cpu")
     videos = torch.arange(6)
@@ -103,6 +105,14 @@ def test_start_jitter_stays_in_each_segment_and_is_seeded(tiny_file):
     assert torch.equal(core.positions, starts[0])  # same seed, same starts
     with pytest.raises(ValueError, match="start_jitter"):
         core.set_start_jitter(-1)
+    # a front-end's reset(seed=) reseeds the offsets, as it reseeds the video sampler
+    env = ThreeStageTrainer(tiny_file, TrainerConfig(frame_cost=0.01), tmp_path)._env_factory(
+        tiny_recognizer(), start_jitter=2)(6, 0)
+    env.reset(seed=7)
+    seeded = env.core.positions.clone()
+    env.reset()
+    env.reset(seed=7)
+    assert torch.equal(env.core.positions, seeded)
 
 
 def test_sac_parts_get_the_augmented_env_and_the_clone_does_not(tiny_file, tmp_path,
@@ -132,3 +142,31 @@ def test_sac_parts_get_the_augmented_env_and_the_clone_does_not(tiny_file, tmp_p
     assert isinstance(built[0].core.source, FeatureNoiseSource)
     clone_env = trainer._env_factory(recognizer, locator_credit=False)(2, 0)
     assert clone_env.core.start_jitter == 0 and clone_env.core.source is trainer.train_source
+
+
+def test_auto_noise_is_calibrated_once_per_part_and_reused_on_resume(tiny_file, tmp_path,
+                                                                     monkeypatch):
+    import agents.trainer as trainer_module
+
+    calls = []
+
+    def fake_calibrate(recognizer, train, val, *, seed=0):
+        calls.append(seed)
+        return {"scale": 0.75, "train_p": {0.0: 0.5, 0.75: 0.4}, "val_p": 0.41,
+                "policies": ["initial"]}
+
+    monkeypatch.setattr(trainer_module, "calibrate_noise", fake_calibrate)
+    trainer = ThreeStageTrainer(tiny_file, TrainerConfig(sac_feature_noise="auto", seed=3),
+                                tmp_path)
+    recognizer = tiny_recognizer(seed=1)
+    recognizer.input_std.fill_(2.0)
+    part = tmp_path / "stage2"
+    noise = trainer._feature_noise(recognizer, part, resume=False)
+    assert calls == [3] and torch.equal(noise, torch.full((4,), 1.5))  # 0.75 x std 2
+    assert json.loads((part / "noise.json").read_text())["scale"] == 0.75
+    again = trainer._feature_noise(recognizer, part, resume=True)  # read back, not redone
+    assert calls == [3] and torch.equal(again, noise)
+    trainer._feature_noise(recognizer, part, resume=False)  # a fresh part calibrates anew
+    assert calls == [3, 3]
+    with pytest.raises(ValueError, match=r"one value per feature dimension \(4\)"):
+        FeatureNoiseSource(trainer.train_source, torch.ones(3))

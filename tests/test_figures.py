@@ -184,6 +184,9 @@ def test_trajectory_figure_panels_thumbnails_and_size(h5_with_videos, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="vimo-trajectories"):
         load_trajectories(tmp_path / "bad.json")
+    (tmp_path / "new.json").write_text(json.dumps({**record, "version": 99}))
+    with pytest.raises(ValueError, match="version 1 or 2"):
+        load_trajectories(tmp_path / "new.json")
 
 
 def test_peer_rows_show_glanced_and_focused_frames(h5_with_videos, tmp_path):

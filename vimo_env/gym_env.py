@@ -125,6 +125,8 @@ class VideoLocatorsEnv(gymnasium.Env):
         if seed is not None:
             self.sampler.seed(seed)
             self.action_space.seed(seed)
+            if self.core.start_jitter:
+                self.core.set_start_jitter(self.core.start_jitter, seed)
         if options and "video" in options:
             video = video_option(options["video"], self.core.source.num_videos)
         else:
@@ -264,6 +266,8 @@ class VideoLocatorsVectorEnv(VectorEnv):
         if seed is not None:
             self.sampler.seed(seed)
             self.action_space.seed(seed)
+            if self.core.start_jitter:
+                self.core.set_start_jitter(self.core.start_jitter, seed)
             self.single_action_space.seed(seed)
         mask = (options or {}).get("reset_mask")
         if mask is not None and self.core.batch_size is not None:
