@@ -107,7 +107,7 @@ from benchmarks.figure_data import (  # noqa: E402
 from benchmarks.machine import dense_matmul_gflops, peak_rss_gb  # noqa: E402
 from features.atomic import atomic_path, write_text_atomic  # noqa: E402
 from features.photounits import PRESETS as PHOTOUNITS_PRESETS  # noqa: E402
-from features.photounits import ensure_dataset  # noqa: E402
+from features.photounits import ensure_dataset, ensure_glance  # noqa: E402
 from features.synthetic import PRESETS  # noqa: E402
 from features.synthetic import ensure_dataset as ensure_synthetic  # noqa: E402
 from vimo_env.recognizer import INTEGRATION_VARIANTS, TEMPORAL_VARIANTS, Recognizer  # noqa: E402
@@ -482,7 +482,12 @@ def _run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, res
                pair: comparison.FeaturePair | None) -> str:
     t0 = time.perf_counter()
     built = None
-    if pair is None:
+    if pair is None and not args.dataset and args.preset is None:
+        # PhotoUnits builds a real glance: the same frames through Lite0 at 112 px
+        pair = comparison.FeaturePair(ensure_glance(args.data_dir, args.photounits,
+                                                    args.data_seed,
+                                                    progress=not args.no_progress), path)
+    if pair is None:  # a user's file or a synthetic preset: the synthetic stand-in
         glance = comparison.stand_in_path(path, args.data_dir, user_dataset=bool(args.dataset))
         glance, built = comparison.ensure_stand_in(path, glance, args.data_seed)
         pair = comparison.FeaturePair(glance, path)

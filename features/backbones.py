@@ -41,7 +41,7 @@ class Backbone:
         feature_dim: D.
         device: where the network runs.
         dtype: compute dtype (fp16 on CUDA, fp32 on CPU).
-        input_size: side of the square input (224).
+        input_size: side of the square input (224; a glance backbone may take less).
     """
 
     def __init__(
@@ -55,10 +55,14 @@ class Backbone:
         device: str | torch.device = "auto",
         half: bool | None = None,
         channels_last: bool = True,
+        input_size: int = INPUT_SIZE,
     ) -> None:
         self.name = name
         self.feature_dim = int(feature_dim)
-        self.input_size = INPUT_SIZE
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 32:
+            raise BackboneError(f"{name}: input_size must be an integer >= 32, got "
+                                f"{input_size!r}")
+        self.input_size = input_size
         self.device = resolve_device(device)
         use_half = self.device.type == "cuda" if half is None else bool(half)
         self.dtype = torch.float16 if use_half else torch.float32
@@ -74,7 +78,8 @@ class Backbone:
                 f"dtype={self.dtype})")
 
     def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 RGB ``[K, 224, 224, 3]`` -> normalized ``[K, 3, 224, 224]`` on the device."""
+        """uint8 RGB ``[K, S, S, 3]`` -> normalized ``[K, 3, S, S]`` on the device
+        (``S = input_size``)."""
         if isinstance(frames, np.ndarray):
             frames = torch.from_numpy(np.ascontiguousarray(frames))
         if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
@@ -110,7 +115,8 @@ class Backbone:
 
     @cached_property
     def macs_per_frame(self) -> float:
-        """Multiply-accumulates of the feature path for one 224x224 frame (FLOPs / 2)."""
+        """Multiply-accumulates of the feature path for one ``input_size`` square frame
+        (FLOPs / 2)."""
         size = self.input_size
         x = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
         x = x.contiguous(memory_format=self.memory_format)
@@ -276,6 +282,7 @@ def build_backbone(
     *,
     half: bool | None = None,
     channels_last: bool = True,
+    input_size: int = INPUT_SIZE,
 ) -> Backbone:
     """Build a frozen backbone.
 
@@ -286,15 +293,19 @@ def build_backbone(
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
         half: fp16 compute; default: on CUDA only.
         channels_last: NHWC memory format (faster for convnets on CPU and tensor cores).
+        input_size: side of the square input frames (224; e.g. 112 for a cheap glance: the
+            networks pool globally, so any size works, at (size / 224)^2 of the cost).
     """
     if name == "efficientnet_lite0":
         network = _efficientnet_lite0(weights)
         # TF-Lite normalization: (x - 127) / 128 on 0..255 pixels
         return Backbone(name, network, feature_dim=1280, mean=(127.0,) * 3, std=(128.0,) * 3,
-                        device=device, half=half, channels_last=channels_last)
+                        device=device, half=half, channels_last=channels_last,
+                        input_size=input_size)
     if name == "resnet50":
         network = _resnet50(weights)
         return Backbone(name, network, feature_dim=2048,
                         mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                        device=device, half=half, channels_last=channels_last)
+                        device=device, half=half, channels_last=channels_last,
+                        input_size=input_size)
     raise BackboneError(f"unknown backbone {name!r}; expected one of {BACKBONES}")

@@ -66,6 +66,11 @@ BANK_VERSION = 1  # bump when rendering or feature extraction changes: invalidat
 FEATURES_FILE = "photounits.h5"
 BANK_FILE = "bank.npz"
 CARD_FILE = "DATASET_CARD.md"
+#: The glance features PhotoUnits builds for the peers beside its focus features: the same
+#: Lite0 at half the resolution (112x112 crops of the same frames, ~1/4 of the MACs; AdaFocus
+#: and AFNet also glance at low resolution). :func:`build_glance`.
+GLANCE_SIZE = 112
+GLANCE_FILE = "photounits-glance-lite0-112.h5"
 MP4_DIR = "mp4"
 MANIFEST_FILE = "manifest.csv"
 NOISE = "noise"  # the procedural color-noise background type
@@ -414,33 +419,37 @@ class _Photos:
 
 def build_bank(
     config: PhotoUnitsConfig, seed: int, path: str | os.PathLike, *, device: str = "auto",
-    progress: bool = True,
+    progress: bool = True, input_size: int = 224,
 ) -> dict[str, np.ndarray]:
     """Render every shot of every photo and extract its frames' features; cached at ``path``.
 
-    Returns ``{"features": float16 [P, shots, frames, D], "gmacs_per_frame": float, "key"}``.
-    A bank whose stored key differs from the config's is rebuilt.
+    ``input_size``: the side of the square crop the backbone reads (224; the glance bank reads
+    the same field of view at :data:`GLANCE_SIZE`). Returns ``{"features": float16 [P, shots,
+    frames, D], "gmacs_per_frame": float, "key"}``. A bank whose stored key differs from the
+    config's is rebuilt.
     """
     path = Path(path)
-    key = config.bank_key(seed)
+    key = config.bank_key(seed) + ("" if input_size == 224 else f"@{input_size}")
     if path.exists():
         with np.load(path) as stored:
             if str(stored["key"]) == key:
                 return {k: stored[k] for k in stored.files}
     from features.backbones import build_backbone
 
-    backbone = build_backbone(config.backbone, device=device)
+    backbone = build_backbone(config.backbone, device=device, input_size=input_size)
+    resize = round(input_size * 256 / 224)  # decode's 256 -> 224 crop, at this size
     photos = _Photos(config, seed)
     P, S, F = len(config.photos), config.shots_per_photo, config.frames_per_shot
     jobs = [(p, s, j) for p in range(P) for s in range(S) for j in range(F)]
     feats = np.zeros((len(jobs), backbone.feature_dim), np.float32)
-    bar = tqdm(total=len(jobs), desc="PhotoUnits feature bank", unit="frame",
-               disable=not progress)
+    bar = tqdm(total=len(jobs), unit="frame", disable=not progress,
+               desc="PhotoUnits feature bank" + ("" if input_size == 224 else
+                                                 f" ({input_size} px glance)"))
     for start in range(0, len(jobs), config.batch_size):
         batch = jobs[start:start + config.batch_size]
         frames = np.stack([
             prepare_image(render(photos.image(p, s), _shot(config, seed, p, s), float(j),
-                                 F - 1, config.frame_size))
+                                 F - 1, config.frame_size), size=input_size, resize=resize)
             for p, s, j in batch
         ])
         feats[start:start + len(batch)] = backbone.extract(frames).cpu().numpy()
@@ -658,6 +667,46 @@ def build(
     return features
 
 
+def build_glance(
+    out_dir: str | os.PathLike,
+    preset: str | PhotoUnitsConfig = "default",
+    seed: int = 0,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    bank_path: str | os.PathLike | None = None,
+) -> Path:
+    """The peers' glance file of the build in ``out_dir`` (:func:`build` of the same preset
+    and seed): the same videos, frames and splits seen by the same Lite0 at
+    :data:`GLANCE_SIZE` px (``backbone`` ``"efficientnet_lite0@112"``, its own measured cost),
+    from a glance bank rendered like the focus bank. Written to ``out_dir/`` :data:`GLANCE_FILE`
+    once per config and seed; returns its path."""
+    config = resolve_config(preset)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path, stamp = out / GLANCE_FILE, out / ".glance-key"
+    key = f"{config.key(seed)}@{GLANCE_SIZE}"
+    if path.exists() and stamp.exists() and stamp.read_text() == key:
+        return path
+    stamp.unlink(missing_ok=True)
+    bank = build_bank(config, seed, bank_path or out / f"bank-{GLANCE_SIZE}.npz", device=device,
+                      progress=progress, input_size=GLANCE_SIZE)
+    world = PhotoUnitsWorld(config, seed)
+    with atomic_path(path, suffix=".partial.h5") as tmp, FeatureWriter(
+        tmp, feature_dim=bank["features"].shape[-1], class_names=world.class_names,
+        backbone=f"{config.backbone}@{GLANCE_SIZE}", fps=1.0,
+        gflops_per_frame=float(bank["gmacs_per_frame"]), flops_unit="MACs",
+        dtype=config.dtype, flush_every=256,
+    ) as writer:
+        for v in tqdm(range(config.num_videos), desc=f"PhotoUnits -> {GLANCE_FILE}",
+                      unit="video", disable=not progress):
+            plan = world.plan(v)
+            writer.add(video_id(v), world.features(bank["features"], plan).astype(config.dtype),
+                       plan.label, plan.split)
+    write_text_atomic(stamp, key)
+    return path
+
+
 def _csv_cell(value: str) -> str:
     if any(ch in value for ch in ',"\n'):
         return '"' + value.replace('"', '""') + '"'
@@ -741,6 +790,16 @@ def ensure_dataset(data_dir: str | os.PathLike = "data", preset: str = "default"
     keep photos, shots and backbone re-use it without running the backbone again."""
     return build(default_data_dir(data_dir, preset, seed), preset, seed, progress=progress,
                  bank_path=shared_bank_path(data_dir, preset, seed))
+
+
+def ensure_glance(data_dir: str | os.PathLike = "data", preset: str = "default",
+                  seed: int = 0, *, progress: bool = True) -> Path:
+    """:func:`build_glance` of :func:`ensure_dataset`'s build (built on first use; the glance
+    bank is cached and shared beside the focus bank)."""
+    config = resolve_config(preset)
+    bank = Path(data_dir) / f"photounits-bank-{config.bank_key(seed)}-{GLANCE_SIZE}.npz"
+    return build_glance(default_data_dir(data_dir, preset, seed), preset, seed,
+                        progress=progress, bank_path=bank)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from features.photounits import (
     PhotoUnitsConfig,
     PhotoUnitsWorld,
     build,
+    build_glance,
     ensure_dataset,
     load_photo,
 )
@@ -100,6 +101,35 @@ def test_mp4_frames_are_the_dataset_frames(tiny_build) -> None:
     matched = sim[torch.arange(4), frames]
     assert matched.min() > 0.9  # compression changes little
     assert live.frames_extracted == 4
+
+
+def test_glance_file_is_the_same_frames_at_112_px(tiny_build) -> None:
+    """The peers' glance: the same videos, lengths, labels and splits as the focus file (a
+    valid pair), seen by Lite0 at 112 px with its own measured cost; close to the focus
+    features (same frames) but not equal; built once."""
+    from features.pairs import FeaturePair
+
+    glance = build_glance(tiny_build.parent, "tiny", 0, device="cpu", progress=False)
+    pair = FeaturePair(glance, tiny_build)
+    assert pair.glance_backbone == "efficientnet_lite0@112" and pair.glance_dim == 1280
+    assert 0.2 < pair.glance_cost / pair.focus_cost < 0.3  # (112/224)^2 plus the head
+    g, f = _arrays(glance), _arrays(tiny_build)
+    for key in ("offsets", "labels", "splits", "video_ids", "class_names"):
+        np.testing.assert_array_equal(g[key], f[key], err_msg=key)
+    gx, fx = g["features"].astype(np.float32), f["features"].astype(np.float32)
+    assert not np.allclose(gx, fx)
+
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> float:
+        return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+                     .mean())
+
+    # the same frame at two resolutions is far closer than two different frames
+    other = np.random.default_rng(0).permutation(len(fx))
+    assert cosine(gx, fx) > 2 * cosine(gx, fx[other])
+    stamp = glance.stat().st_mtime_ns
+    assert build_glance(tiny_build.parent, "tiny", 0, device="cpu", progress=False) == glance
+    assert glance.stat().st_mtime_ns == stamp  # cached
 
 
 def test_dataset_card_lists_every_photo_and_license(tiny_build) -> None:

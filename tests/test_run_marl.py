@@ -429,17 +429,22 @@ def test_default_data_is_photounits_and_synthetic_needs_a_flag(run_marl):
         run_marl.parse_args(["--preset", "tiny", "--photounits", "tiny"])
 
 
-def test_photounits_run_end_to_end(run_marl, tmp_path):
+def test_photounits_run_end_to_end(run_marl, tmp_path, capsys):
     payload = run_marl.main(["--photounits", "tiny", "--data-dir", str(tmp_path / "data"),
                              "--out", str(tmp_path / "out"), "--no-progress"])
     assert "photounits-tiny-" in payload["dataset"]
     assert {p["name"] for p in payload["policies"]} == POLICIES | PEERS
-    # the glance stand-in is cached beside the generated dataset, at 1 : 12.8 of its cost
+    # PhotoUnits builds a real glance beside the dataset: the same frames through Lite0 at
+    # 112 px, (112 / 224)^2 of the focus MACs up to the pooled head's share
     glance = payload["peers"]["glance"]
     assert Path(glance["path"]).parent == Path(payload["dataset"]).parent
-    assert glance["gflops_per_frame"] == pytest.approx(
-        0.32 / 4.09 * payload["peers"]["focus"]["gflops_per_frame"])
-    assert len(list((tmp_path / "data").glob("photounits-bank-*.npz"))) == 1
+    assert glance["backbone"] == "efficientnet_lite0@112" and not glance["synthetic"]
+    assert glance["feature_dim"] == 1280
+    ratio = glance["gflops_per_frame"] / payload["peers"]["focus"]["gflops_per_frame"]
+    assert 0.22 < ratio < 0.30
+    assert "SYNTHETIC" not in capsys.readouterr().out
+    banks = sorted(p.name for p in (tmp_path / "data").glob("photounits-bank-*.npz"))
+    assert len(banks) == 2 and sum(b.endswith("-112.npz") for b in banks) == 1  # + glance
     assert payload["flops_unit"] == "MACs"
     # live_latency finds the build's MP4 manifest from the cache folder or the build folder
     spec = importlib.util.spec_from_file_location("live_latency",
