@@ -5,7 +5,9 @@ a cheap backbone and focus on a few with an expensive one, so they read a glance
 feature files (:class:`features.pairs.FeaturePair`); ViMo reads the focus file alone. This
 module
 
-* finds the glance file: ``--glance FILE.h5``, or the synthetic stand-in
+* finds the glance file: ``--glance FILE.h5``; PhotoUnits' real glance (Lite0 at 112 px,
+  built by ``features.photounits.build_glance``; chosen by ``run_marl.py``); or the synthetic
+  stand-in
   (:func:`features.pairs.make_glance_features`) built once and cached beside the generated
   dataset, or under ``--data-dir`` for a user's ``--dataset`` (never next to the user's file);
   the stand-in's per-frame cost keeps MobileNetV2 : ResNet-50 = 0.32 : 4.09 GMACs (1 : 12.8) of

@@ -38,13 +38,16 @@ Per-locator credit. Each locator's critic learns from ``0.5 x team reward + 0.5 
 difference reward`` (``SACConfig.difference_credit``; the env's ``locator_credit``); the
 measurements that chose it are in ``docs/experiments.md``.
 
-Peers (``benchmarks.comparison``). After ViMo, the seed peers (``--peers liteeval,afnet``, the
-default; ``--no-peers`` skips them) train on a glance/focus pair: ``--glance FILE.h5`` paired
-with the dataset, or a SYNTHETIC stand-in built once from the dataset (cached beside a generated
-dataset, under ``--data-dir`` for a ``--dataset`` file). Their rows join Table 2 and
-``policies`` (with ``frames_glanced`` / ``frames_focused``); a ViMo-Table-6-style table
-compares them side by side (backbones, mAP, GFLOPs, frames, batch-1 latency, uniform sampling
-at no less GFLOPs), then the papers' own ActivityNet numbers, as reported.
+Peers (``benchmarks.comparison``). After ViMo, the seed peers (``--peers``, default all four;
+``--no-peers`` skips them) train on a glance/focus pair: ``--glance FILE.h5`` paired
+with the dataset; on PhotoUnits (the default data) its real glance, the same frames through
+Lite0 at 112 px (``features.photounits.build_glance``); otherwise a SYNTHETIC stand-in built
+once from the dataset (cached beside a generated dataset, under ``--data-dir`` for a
+``--dataset`` file). ``--peer-sweep`` adds each peer's operating points along its budget
+knob. Their rows join Table 2 and ``policies`` (with ``frames_glanced`` /
+``frames_focused``); a ViMo-Table-6-style table compares them side by side (backbones, mAP,
+GFLOPs, frames, batch-1 latency, uniform sampling at no less GFLOPs), then the papers' own
+ActivityNet numbers, as reported.
 
 Prints ViMo Table 2 (strategy: frame rate, mAP, GFLOPs; test split, final recognizer) and
 Table 5 (mAP and GFLOPs after each stage), with the command line that produced them, and writes
@@ -231,7 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=1024)
     p.add_argument("--glance", default=None, metavar="FILE.h5",
                    help="the peers' glance features, paired with the dataset (same videos and "
-                        "frames; default: a SYNTHETIC stand-in built once from the dataset, see "
+                        "frames; default: PhotoUnits' own Lite0-at-112-px glance, else a "
+                        "SYNTHETIC stand-in built once from the dataset, see "
                         "benchmarks.comparison)")
     peers = p.add_mutually_exclusive_group()
     peers.add_argument("--peers", default=",".join(comparison.PEERS),
@@ -464,7 +468,8 @@ def run_once(args: argparse.Namespace, path: Path, budget: str, out: Path) -> di
 def run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, result: dict,
               pair: comparison.FeaturePair | None) -> str:
     """The ``peers`` phase: each of ``--peers`` on the glance/focus pair (``pair``: the
-    checked ``--glance``; None: the cached synthetic stand-in), then ViMo's batch-1 latency.
+    checked ``--glance``; None: PhotoUnits' real glance, else the cached synthetic stand-in),
+    then ViMo's batch-1 latency.
     Appends the peers' rows to ``result["rows"]`` (Table 2, ``policies``), stores the record
     under ``result["extra"]["peers"]`` and the time under ``result["phases"]["peers"]``;
     returns the printed comparison tables. Runs on one torch thread whatever ``--threads``
