@@ -634,16 +634,7 @@ def build(
         manifest.unlink(missing_ok=True)
         for old in mp4_dir.glob("*.mp4") if mp4_dir.exists() else []:
             old.unlink()
-        with FeatureWriter(
-            features, feature_dim=bank["features"].shape[-1], class_names=world.class_names,
-            backbone=config.backbone, fps=1.0, gflops_per_frame=float(bank["gmacs_per_frame"]),
-            flops_unit="MACs", dtype=config.dtype, flush_every=256,
-        ) as writer:
-            for v in tqdm(range(config.num_videos), desc=f"PhotoUnits -> {features.name}",
-                          unit="video", disable=not progress):
-                plan = world.plan(v)
-                x = world.features(bank["features"], plan)
-                writer.add(video_id(v), x.astype(config.dtype), plan.label, plan.split)
+        _write_features(features, world, bank, config.backbone, progress)
         write_text_atomic(stamp, key)
     if config.mp4_videos and not manifest.exists():
         mp4_dir.mkdir(exist_ok=True)
@@ -692,19 +683,27 @@ def build_glance(
     bank = build_bank(config, seed, bank_path or out / f"bank-{GLANCE_SIZE}.npz", device=device,
                       progress=progress, input_size=GLANCE_SIZE)
     world = PhotoUnitsWorld(config, seed)
-    with atomic_path(path, suffix=".partial.h5") as tmp, FeatureWriter(
-        tmp, feature_dim=bank["features"].shape[-1], class_names=world.class_names,
-        backbone=f"{config.backbone}@{GLANCE_SIZE}", fps=1.0,
-        gflops_per_frame=float(bank["gmacs_per_frame"]), flops_unit="MACs",
-        dtype=config.dtype, flush_every=256,
-    ) as writer:
-        for v in tqdm(range(config.num_videos), desc=f"PhotoUnits -> {GLANCE_FILE}",
-                      unit="video", disable=not progress):
-            plan = world.plan(v)
-            writer.add(video_id(v), world.features(bank["features"], plan).astype(config.dtype),
-                       plan.label, plan.split)
+    _write_features(path, world, bank, f"{config.backbone}@{GLANCE_SIZE}", progress)
     write_text_atomic(stamp, key)
     return path
+
+
+def _write_features(path: Path, world: PhotoUnitsWorld, bank: dict[str, np.ndarray],
+                    backbone: str, progress: bool) -> None:
+    """Every video of ``world`` assembled from ``bank``'s frame features into the
+    ``vimo-features`` file ``path`` (the focus file, or the glance file from the glance bank:
+    the same plans, so the same videos, frames and splits)."""
+    config = world.config
+    with FeatureWriter(
+        path, feature_dim=bank["features"].shape[-1], class_names=world.class_names,
+        backbone=backbone, fps=1.0, gflops_per_frame=float(bank["gmacs_per_frame"]),
+        flops_unit="MACs", dtype=config.dtype, flush_every=256,
+    ) as writer:
+        for v in tqdm(range(config.num_videos), desc=f"PhotoUnits -> {path.name}",
+                      unit="video", disable=not progress):
+            plan = world.plan(v)
+            x = world.features(bank["features"], plan)
+            writer.add(video_id(v), x.astype(config.dtype), plan.label, plan.split)
 
 
 def _csv_cell(value: str) -> str:
