@@ -314,15 +314,26 @@ def sweep_peers(pair: FeaturePair, peers: dict, budget: str, seed: int, folder: 
     taken from the record, not retrained. Each point is saved under ``folder/<name>-<knob>-
     <value>`` and, under ``resume``, loaded when finished. Returns ``{name: {"knob",
     "points": [{"value", <SPEC section 7 row>}, ...] (by value)}}``."""
+    unknown = sorted(set(peers["methods"]) - set(BUDGET_KNOBS)) + sorted(
+        set(values or {}) - set(peers["methods"]))
+    if unknown:
+        raise ValueError(f"sweep_peers: no budget sweep for {unknown}; the run's peers with a "
+                         f"knob: {sorted(set(peers['methods']) & set(BUDGET_KNOBS))}")
     splits = {s: pair.load(s) for s in ("train", "val", "test")}
     sweep = {}
     for name, method in peers["methods"].items():
         knob, default_values = BUDGET_KNOBS[name]
         base = peer_args(name, budget, seed)
         points = [{"value": getattr(base, knob), **method["row"]}]
+        kind = type(getattr(base, knob))
+        wanted = []
         for value in (values or {}).get(name, default_values):
-            kind = type(getattr(base, knob))
-            value = kind(value)
+            if kind is int and float(value) != int(value):
+                raise ValueError(f"sweep_peers: {name}'s knob {knob} takes whole numbers, got "
+                                 f"{value!r}")
+            if kind(value) not in wanted:
+                wanted.append(kind(value))
+        for value in wanted:
             if value == getattr(base, knob):
                 continue  # the run's own point
             args = replace(base, **{knob: value})

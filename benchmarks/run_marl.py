@@ -487,11 +487,6 @@ def _run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, res
                pair: comparison.FeaturePair | None) -> str:
     t0 = time.perf_counter()
     built = None
-    if pair is None and not args.dataset and args.preset is None:
-        # PhotoUnits builds a real glance: the same frames through Lite0 at 112 px
-        pair = comparison.FeaturePair(ensure_glance(args.data_dir, args.photounits,
-                                                    args.data_seed,
-                                                    progress=not args.no_progress), path)
     if pair is None:  # a user's file or a synthetic preset: the synthetic stand-in
         glance = comparison.stand_in_path(path, args.data_dir, user_dataset=bool(args.dataset))
         glance, built = comparison.ensure_stand_in(path, glance, args.data_seed)
@@ -639,6 +634,12 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     path, budget = dataset_path(args)
     # a given glance file is checked against the dataset now, before any training
     pair = comparison.check_glance(args.glance, path) if args.glance and args.peers else None
+    if pair is None and args.peers and not args.dataset and args.preset is None:
+        # PhotoUnits builds a real glance for the peers (the same frames through Lite0 at
+        # 112 px), with the dataset and its threads, before the peers' one-thread phase
+        pair = comparison.FeaturePair(ensure_glance(args.data_dir, args.photounits,
+                                                    args.data_seed,
+                                                    progress=not args.no_progress), path)
     data_s = time.perf_counter() - t0
     result = run_once(args, path, budget, out)
     peers_text = run_peers(args, path, budget, out, result, pair) if args.peers else None

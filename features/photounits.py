@@ -58,7 +58,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from tqdm import tqdm
 
 from features.atomic import atomic_path, write_text_atomic
-from features.decode import prepare_image
+from features.decode import CROP_SIZE, RESIZE_SHORT_SIDE, prepare_image
 from features.store import SPLITS, FeatureWriter
 
 BUILD_VERSION = 3  # bump when assembly changes: invalidates cached builds (not the bank)
@@ -419,7 +419,7 @@ class _Photos:
 
 def build_bank(
     config: PhotoUnitsConfig, seed: int, path: str | os.PathLike, *, device: str = "auto",
-    progress: bool = True, input_size: int = 224,
+    progress: bool = True, input_size: int = CROP_SIZE,
 ) -> dict[str, np.ndarray]:
     """Render every shot of every photo and extract its frames' features; cached at ``path``.
 
@@ -429,7 +429,7 @@ def build_bank(
     config's is rebuilt.
     """
     path = Path(path)
-    key = config.bank_key(seed) + ("" if input_size == 224 else f"@{input_size}")
+    key = config.bank_key(seed) + ("" if input_size == CROP_SIZE else f"@{input_size}")
     if path.exists():
         with np.load(path) as stored:
             if str(stored["key"]) == key:
@@ -437,13 +437,13 @@ def build_bank(
     from features.backbones import build_backbone
 
     backbone = build_backbone(config.backbone, device=device, input_size=input_size)
-    resize = round(input_size * 256 / 224)  # decode's 256 -> 224 crop, at this size
+    resize = round(input_size * RESIZE_SHORT_SIDE / CROP_SIZE)  # decode's crop, at this size
     photos = _Photos(config, seed)
     P, S, F = len(config.photos), config.shots_per_photo, config.frames_per_shot
     jobs = [(p, s, j) for p in range(P) for s in range(S) for j in range(F)]
     feats = np.zeros((len(jobs), backbone.feature_dim), np.float32)
     bar = tqdm(total=len(jobs), unit="frame", disable=not progress,
-               desc="PhotoUnits feature bank" + ("" if input_size == 224 else
+               desc="PhotoUnits feature bank" + ("" if input_size == CROP_SIZE else
                                                  f" ({input_size} px glance)"))
     for start in range(0, len(jobs), config.batch_size):
         batch = jobs[start:start + config.batch_size]
@@ -674,7 +674,12 @@ def build_glance(
     once per config and seed; returns its path."""
     config = resolve_config(preset)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    focus_key = out / ".key"
+    if not (focus_key.is_file() and focus_key.read_text() == config.key(seed)):
+        found = focus_key.read_text() if focus_key.is_file() else "no build"
+        raise ValueError(f"{out}: build_glance needs the focus build of the same preset and "
+                         f"seed there (key {config.key(seed)}); found {found}: run build() "
+                         "first")
     path, stamp = out / GLANCE_FILE, out / ".glance-key"
     key = f"{config.key(seed)}@{GLANCE_SIZE}"
     if path.exists() and stamp.exists() and stamp.read_text() == key:

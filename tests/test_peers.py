@@ -252,3 +252,15 @@ def test_budget_sweep_trains_the_other_knob_values_and_resumes(tiny_pair, tmp_pa
     assert again == sweep and "nsnet k=3 loaded" in capsys.readouterr().out
     table = comparison.sweep_table(sweep, "MACs")
     assert "k=3" in table and "k=5" in table
+
+
+def test_budget_sweep_refuses_bad_knob_values(tiny_pair, tmp_path):
+    from benchmarks import comparison
+
+    peers = {"methods": {"nsnet": {"row": {}}}}
+    with pytest.raises(ValueError, match="nsnet's knob k takes whole numbers, got 5.5"):
+        comparison.sweep_peers(tiny_pair, peers, "tiny", 0, tmp_path, False,
+                               values={"nsnet": (3, 5.5)})
+    with pytest.raises(ValueError, match=r"no budget sweep for \['nope'\]"):
+        comparison.sweep_peers(tiny_pair, peers, "tiny", 0, tmp_path, False,
+                               values={"nope": (1,)})

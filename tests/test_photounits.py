@@ -130,6 +130,8 @@ def test_glance_file_is_the_same_frames_at_112_px(tiny_build) -> None:
     stamp = glance.stat().st_mtime_ns
     assert build_glance(tiny_build.parent, "tiny", 0, device="cpu", progress=False) == glance
     assert glance.stat().st_mtime_ns == stamp  # cached
+    with pytest.raises(ValueError, match="needs the focus build of the same preset and seed"):
+        build_glance(tiny_build.parent, "tiny", 1, device="cpu", progress=False)
 
 
 def test_dataset_card_lists_every_photo_and_license(tiny_build) -> None:

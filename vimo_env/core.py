@@ -294,12 +294,13 @@ class LocatorCore:
             self._allocate(require_int(batch_size, "batch_size", minimum=1))
 
     def set_start_jitter(self, frames: int, seed: int = 0) -> None:
-        """Start each locator up to ``frames`` frames after its segment's first frame (uniform;
-        never past the segment's last frame), instead of on it (``frames=0``, the paper). A
-        training augmentation: the same training video then gives other frames from one
-        episode to the next, so a policy cannot pay off by remembering which frames worked on
-        each training video. Evaluation keeps 0. The offsets come from a generator of their
-        own, seeded from ``seed`` (a front-end's ``reset(seed=)`` reseeds it)."""
+        """Start each locator up to ``frames`` frames after its segment's first frame (an offset
+        drawn uniformly from 0..frames, clamped to the segment's last frame), instead of on it
+        (``frames=0``, the paper). A training augmentation: the same training video then gives
+        other frames from one episode to the next, so a policy cannot pay off by remembering
+        which frames worked on each training video. Evaluation keeps 0. The offsets come from
+        a generator of their own, seeded from ``seed`` (a front-end's ``reset(seed=)`` reseeds
+        it)."""
         self.start_jitter = require_int(frames, "start_jitter", minimum=0)
         # a stream of its own, not the numbers torch's global generator draws from this seed
         key = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *b"start-jitter"])
