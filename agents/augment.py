@@ -17,19 +17,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from agents.metrics import mean_true_class_probability
 from features.source import FrameSource
+from vimo_env.core import stream_seed
 
 #: Noise scales tried by :func:`calibrate_noise`, in units of the input standard deviation.
 NOISE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 #: Selections whose mean P(true class) :func:`calibrate_noise` compares across splits.
 CALIBRATION_POLICIES = ("initial", "uniform-10")
-
-
-def stream_seed(seed: int, stream: str) -> int:
-    """A seed for the named random stream derived from ``seed``: generators seeded from one
-    run seed for different purposes draw independent numbers."""
-    key = [int(seed) & 0xFFFFFFFF, *stream.encode()]
-    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class FeatureNoiseSource(FrameSource):
@@ -82,8 +77,7 @@ def _mean_true_probability(recognizer: torch.nn.Module, source: FrameSource, pol
     from agents.selection import evaluate_selection
 
     result = evaluate_selection(recognizer, source, policy, seed=seed)
-    scores = np.asarray(result["scores"], dtype=np.float64)
-    return float(scores[np.arange(len(scores)), np.asarray(source.labels)].mean())
+    return mean_true_class_probability(result["scores"], source.labels)
 
 
 def calibrate_noise(recognizer: torch.nn.Module, train: FrameSource, val: FrameSource, *,

@@ -272,13 +272,15 @@ def peer_rows(peers: dict) -> list[EvalResult]:
 
 def run_peers(pair: FeaturePair, names: list[str], budget: str, seed: int, folder: Path,
               resume: bool, glance_info: dict,
-              on_test: Callable[[str, PeerResult, list[str]], None] | None = None) -> dict:
+              on_test: Callable[[str, PeerResult, list[str]], None] | None = None,
+              splits: dict | None = None) -> dict:
     """Every named peer on ``pair``: the ``results.json["peers"]`` record (the models are
     dropped; their batch-1 latency is measured here). ``on_test(name, result, video_ids)``
     receives each peer's test :class:`PeerResult` (scores and frame selections, e.g. for the
-    trajectory figure) with the test split's video ids."""
+    trajectory figure) with the test split's video ids. ``splits``: the pair's splits when
+    the caller has read them already (as :func:`sweep_peers` can reuse them)."""
     folder.mkdir(parents=True, exist_ok=True)
-    splits = {s: pair.load(s) for s in ("train", "val", "test")}
+    splits = splits or {s: pair.load(s) for s in ("train", "val", "test")}
     methods = {}
     for name in names:
         args = peer_args(name, budget, seed)
@@ -307,19 +309,21 @@ def run_peers(pair: FeaturePair, names: list[str], budget: str, seed: int, folde
 
 
 def sweep_peers(pair: FeaturePair, peers: dict, budget: str, seed: int, folder: Path,
-                resume: bool, values: dict[str, Sequence[float]] | None = None) -> dict:
+                resume: bool, values: dict[str, Sequence[float]] | None = None,
+                splits: dict | None = None) -> dict:
     """Each peer of ``peers["methods"]`` (a :func:`run_peers` record) trained again at the
     other values of its budget knob (:data:`BUDGET_KNOBS`, or ``values[name]``): its operating
     points on the mAP-GFLOPs plane, test split. The knob's default is the run's own point,
     taken from the record, not retrained. Each point is saved under ``folder/<name>-<knob>-
     <value>`` and, under ``resume``, loaded when finished. Returns ``{name: {"knob",
-    "points": [{"value", <SPEC section 7 row>}, ...] (by value)}}``."""
+    "points": [{"value", <SPEC section 7 row>}, ...] (by value)}}``. ``splits`` as in
+    :func:`run_peers`."""
     unknown = sorted(set(peers["methods"]) - set(BUDGET_KNOBS)) + sorted(
         set(values or {}) - set(peers["methods"]))
     if unknown:
         raise ValueError(f"sweep_peers: no budget sweep for {unknown}; the run's peers with a "
                          f"knob: {sorted(set(peers['methods']) & set(BUDGET_KNOBS))}")
-    splits = {s: pair.load(s) for s in ("train", "val", "test")}
+    splits = splits or {s: pair.load(s) for s in ("train", "val", "test")}
     sweep = {}
     for name, method in peers["methods"].items():
         knob, default_values = BUDGET_KNOBS[name]

@@ -292,14 +292,21 @@ def strategy_rows(source: FrameSource, results: Sequence[Any], indices: Sequence
             continue
         per_video = []
         for v, lanes in zip(indices, traj, strict=True):
-            entry: dict[str, Any] = {"frames": lanes}
-            if res.scores is not None:
-                scores = np.asarray(res.scores[v], dtype=np.float64)
-                entry["p_true"] = round(float(scores[int(source.labels[v])]), 4)
-                entry["predicted"] = int(scores.argmax())
-            per_video.append(entry)
+            per_video.append(_video_entry(lanes, res.scores, v, int(source.labels[v])))
         rows.append({"name": name, "kind": kind, "videos": per_video})
     return rows
+
+
+def _video_entry(lanes: list[list[int]], scores: np.ndarray | None, row: int, label: int
+                 ) -> dict[str, Any]:
+    """One video of a ``strategies`` row: its lanes, and P(true class) and the predicted class
+    from ``scores[row]`` when the result kept its scores."""
+    entry: dict[str, Any] = {"frames": lanes}
+    if scores is not None:
+        probs = np.asarray(scores[row], dtype=np.float64)
+        entry["p_true"] = round(float(probs[label]), 4)
+        entry["predicted"] = int(probs.argmax())
+    return entry
 
 
 def peer_row(name: str, result: Any, video_ids: Sequence[str], record: dict[str, Any]
@@ -318,13 +325,9 @@ def peer_row(name: str, result: Any, video_ids: Sequence[str], record: dict[str,
     per_video = []
     for video in record["videos"]:
         k = where[video["video_id"]]
-        entry: dict[str, Any] = {"frames": [np.flatnonzero(selection.glanced[k]).tolist(),
-                                            np.flatnonzero(selection.focused[k]).tolist()]}
-        if result.scores is not None:
-            scores = np.asarray(result.scores[k], dtype=np.float64)
-            entry["p_true"] = round(float(scores[int(video["label"])]), 4)
-            entry["predicted"] = int(scores.argmax())
-        per_video.append(entry)
+        lanes = [np.flatnonzero(selection.glanced[k]).tolist(),
+                 np.flatnonzero(selection.focused[k]).tolist()]
+        per_video.append(_video_entry(lanes, result.scores, k, int(video["label"])))
     return {"name": name, "kind": "peer", "lanes": list(PEER_LANES), "videos": per_video}
 
 

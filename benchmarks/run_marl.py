@@ -499,9 +499,10 @@ def _run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, res
         if row is not None:  # a panel per peer in trajectories.png (Figure 4)
             figure["strategies"].append(row)
 
+    splits = {s: pair.load(s) for s in ("train", "val", "test")}  # read once, for both
     peers = comparison.run_peers(pair, args.peers, budget, seed, out / "train" / "peers",
                                  args.resume, comparison.glance_record(pair, built),
-                                 on_test=add_to_figure)
+                                 on_test=add_to_figure, splits=splits)
     handles = result.get("handles")
     if handles is not None:
         peers["latency"]["vimo_ms"] = comparison.vimo_latency_ms(
@@ -509,7 +510,8 @@ def _run_peers(args: argparse.Namespace, path: Path, budget: str, out: Path, res
     text = comparison.comparison_table(peers, result["rows"])
     if args.peer_sweep:
         peers["sweep"] = comparison.sweep_peers(pair, peers, budget, seed,
-                                                out / "train" / "peers" / "sweep", args.resume)
+                                                out / "train" / "peers" / "sweep", args.resume,
+                                                splits=splits)
         text += "\n" + comparison.sweep_table(peers["sweep"], peers["flops_unit"])
     result["rows"].extend(comparison.peer_rows(peers))
     result["extra"]["peers"] = peers

@@ -303,9 +303,8 @@ class LocatorCore:
         it)."""
         self.start_jitter = require_int(frames, "start_jitter", minimum=0)
         # a stream of its own, not the numbers torch's global generator draws from this seed
-        key = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *b"start-jitter"])
         self._jitter_generator = torch.Generator(device=self.device)
-        self._jitter_generator.manual_seed(int(key.generate_state(1, dtype=np.uint64)[0] >> 1))
+        self._jitter_generator.manual_seed(stream_seed(seed, "start-jitter"))
 
     # ---------------------------------------------------------------- state
     def _allocate(self, batch: int) -> None:
@@ -730,6 +729,13 @@ def load_recognizer(recognizer: object, source: FrameSource, num_locators: int,
         return Recognizer.load(recognizer)
     raise TypeError(f"recognizer must be a Recognizer, a checkpoint path or None, "
                     f"got {type(recognizer).__name__}")
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """A seed for the named random stream derived from ``seed``: generators seeded from one
+    run seed for different purposes (start jitter, feature noise) draw independent numbers."""
+    key = [int(seed) & 0xFFFFFFFF, *stream.encode()]
+    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def build_core(
