@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
 from tianshou.data import Collector, VectorReplayBuffer
+from tianshou.utils import TensorboardLogger
 from tqdm import tqdm
 
 from agents.ctde_sac import (
@@ -52,6 +53,23 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
+
+
+class CheckpointCountersLogger(TensorboardLogger):
+    """Tianshou's TensorBoard logger whose ``restore_data`` (what ``resume_from_log`` continues
+    from) returns the counters stored in ``checkpoint.pt``, not the log's: Tianshou writes the
+    log's counters after the checkpoint, so a kill between the two would train an epoch twice."""
+
+    def __init__(self, writer: Any, counters: tuple[int, int, int]) -> None:
+        super().__init__(writer, save_interval=1)
+        self.counters = counters  # (epoch, env step, update step) at the checkpoint
+
+    def restore_data(self) -> tuple[int, int, int]:
+        epoch, env_step, update_step = self.counters
+        self.last_save_step = self.last_log_test_step = epoch
+        self.last_log_update_step = update_step
+        self.last_log_train_step = env_step
+        return self.counters
 
 
 @dataclass
@@ -117,8 +135,9 @@ def train_sac(
 
     ``out_dir`` (optional) receives TensorBoard logs (``tb/``), ``checkpoint.pt`` (every epoch
     and at the end) and ``buffer-<env step>.h5`` (the replay buffer it was saved with).
-    ``resume=True`` reloads both (and the RNG states) and lets
-    the trainer continue from the logged epoch/step counters. The env's in-flight episodes are
+    ``resume=True`` reloads both (and the RNG states) and continues from the epoch and step
+    counters stored in ``checkpoint.pt`` (never from the TensorBoard log, which a kill can leave
+    behind the checkpoint, so that an epoch would train twice). The env's in-flight episodes are
     not saved: they restart on resume, so a resumed run trains the same budget with the same
     counters as an uninterrupted one, but not bit for bit the same weights. ``algorithm``
     continues training an existing learner (e.g. Stage III); otherwise one is built for the
@@ -135,7 +154,6 @@ def train_sac(
     ``SummaryWriter``, e.g. to log figures (``benchmarks.plots.trajectory_logger``).
     """
     from tianshou.trainer import OffPolicyTrainerParams
-    from tianshou.utils import TensorboardLogger
     from torch.utils.tensorboard import SummaryWriter
 
     seed_everything(config.seed)
@@ -161,10 +179,15 @@ def train_sac(
     resumed = bool(resume and checkpoint is not None and checkpoint.is_file())
     if resume and not resumed:
         raise FileNotFoundError(f"{checkpoint}: nothing to resume from")
-    start_env_step = start_update_step = 0
+    start_epoch = start_env_step = start_update_step = 0
     if resumed:
         extra = load_checkpoint(algorithm, checkpoint)
-        start_env_step = int(extra.get("env_step", 0))
+        for counter in ("epoch", "env_step", "gradient_step"):
+            if counter not in extra:
+                raise ValueError(f"{checkpoint}: no '{counter}' counter; it was not written by "
+                                 "train_sac, so there is nothing to resume from")
+        start_epoch = int(extra["epoch"])
+        start_env_step = int(extra["env_step"])
         start_update_step = int(extra.get("gradient_step", 0))  # Tianshou's update step
         best_score = float(extra.get("best_score", -math.inf))
         scored_at = start_env_step
@@ -188,7 +211,8 @@ def train_sac(
     save_fn = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        logger = TensorboardLogger(SummaryWriter(str(out / "tb")), save_interval=1)
+        logger = CheckpointCountersLogger(SummaryWriter(str(out / "tb")),
+                                           (start_epoch, start_env_step, start_update_step))
 
         def keep_if_best(env_step: int) -> None:
             nonlocal best_score, scored_at
@@ -247,7 +271,7 @@ def train_sac(
     total_env_steps = start_env_step + int(info.train_step)
     total_update_steps = max(int(info.update_step), start_update_step)
     if save_fn is not None:
-        save_fn(-1, total_env_steps, total_update_steps)
+        save_fn(max(epochs, start_epoch), total_env_steps, total_update_steps)
     best_env_step = None
     if score_fn is not None:
         best_env_step = int(load_checkpoint(algorithm, best_file)["env_step"])

@@ -302,8 +302,8 @@ def test_training_is_deterministic_and_resumes(tmp_path):
     b = train_sac(toy_factory, config, env_steps=128, out_dir=tmp_path / "b")
     for x, y in zip(a.algorithm.parameters(), b.algorithm.parameters(), strict=True):
         assert torch.equal(x, y)
-    # resume: the trainer continues from the logged counters up to the new total
-    for copy_name in ("noop", "again"):
+    # resume: the trainer continues from the checkpoint's counters up to the new total
+    for copy_name in ("noop", "again", "lagging_log"):
         shutil.copytree(tmp_path / "a", tmp_path / copy_name)
     # nothing left to train: the result is exactly the checkpoint (a fresh learner is not)
     noop = train_sac(toy_factory, config, env_steps=128, out_dir=tmp_path / "noop", resume=True)
@@ -323,6 +323,14 @@ def test_training_is_deterministic_and_resumes(tmp_path):
     again = train_sac(toy_factory, config, env_steps=192, out_dir=tmp_path / "again",
                       resume=True)
     for x, y in zip(c.algorithm.parameters(), again.algorithm.parameters(), strict=True):
+        assert torch.equal(x, y)
+    # a kill after checkpoint.pt but before Tianshou logs its counters leaves the log behind
+    # (here: no log at all); the counters come from the checkpoint, so no epoch trains twice
+    shutil.rmtree(tmp_path / "lagging_log" / "tb")
+    lagging = train_sac(toy_factory, config, env_steps=192, out_dir=tmp_path / "lagging_log",
+                        resume=True)
+    assert (lagging.env_steps, lagging.update_steps) == (c.env_steps, c.update_steps)
+    for x, y in zip(c.algorithm.parameters(), lagging.algorithm.parameters(), strict=True):
         assert torch.equal(x, y)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_sac(toy_factory, config, env_steps=64, out_dir=tmp_path / "none", resume=True)
