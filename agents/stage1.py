@@ -135,22 +135,13 @@ class Stage1Config:
         return int(min(max(self.epochs_target * per_epoch, self.min_steps), self.max_steps))
 
 
-def frame_statistics(source: FrameSource, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and standard deviation of every frame of a cached source (float64
-    accumulation, chunked: no copy of the split in float64)."""
-    flat = getattr(source, "flat", None)
-    if flat is None:
-        raise TypeError("frame_statistics needs a cached source (with a .flat tensor)")
-    total = torch.zeros(flat.shape[1], dtype=torch.float64)
-    square = torch.zeros_like(total)
-    for lo in range(0, flat.shape[0], chunk):
-        block = flat[lo: lo + chunk].to("cpu", torch.float64)
-        total += block.sum(0)
-        square += block.square().sum(0)
-    n = flat.shape[0]
-    mean = total / n
-    var = (square / n - mean.square()).clamp(min=0)
-    return mean.float(), var.sqrt().float()
+def frame_statistics(source: FrameSource) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and (population) standard deviation of every frame of a cached
+    source (:meth:`features.source.CachedFrameSource.column_moments`)."""
+    moments = getattr(source, "column_moments", None)
+    if moments is None:
+        raise TypeError("frame_statistics needs a cached source (with column_moments)")
+    return moments()
 
 
 def learning_rate_factor(step: int, total: int, warmup_fraction: float) -> float:

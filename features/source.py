@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from features.device import resolve_device
+from features.moments import column_mean_std
 from features.store import FeatureStore, FeatureStoreError
 
 
@@ -135,6 +136,16 @@ class CachedFrameSource(FrameSource):
         offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
         self.offsets = torch.as_tensor(offsets, dtype=torch.long, device=self.device)
         self._lengths_on_device = torch.as_tensor(self.lengths, device=self.device)
+        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def column_moments(self, ddof: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension ``(mean, std)`` of every frame of the split (float32 ``[D]`` on the
+        CPU; ``ddof`` as :func:`features.moments.column_mean_std`). Computed once per ``ddof``:
+        the recognizer and each peer normalize by the same train statistics."""
+        if ddof not in self._moments:
+            self._moments[ddof] = column_mean_std(self.flat, ddof=ddof)
+        mean, std = self._moments[ddof]
+        return mean.clone(), std.clone()
 
     def __getstate__(self) -> dict:
         # Pickle by path (the store reopens its file), not the feature tensor: vector envs

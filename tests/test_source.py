@@ -152,3 +152,36 @@ def test_gather_refuses_frames_outside_their_video(path: Path) -> None:
         source.gather(torch.tensor([source.num_videos]), torch.tensor([0]))
     with pytest.raises(IndexError, match="video index -1"):
         source.gather(torch.tensor([-1]), torch.tensor([0]))
+
+
+def test_column_moments_match_float64_and_are_computed_once(path: Path, monkeypatch) -> None:
+    """The split's per-dimension mean and std equal a float64 computation (sample and
+    population), come back as copies, and are computed once per ddof for every caller."""
+    import features.moments as moments_module
+    import features.source as source_module
+    from features.moments import column_mean_std
+
+    source = CachedFrameSource(path, split="train", device="cpu")
+    x = source.flat.double()
+    calls = []
+    real = moments_module.column_mean_std
+
+    def counted(flat, **kwargs):
+        calls.append(kwargs)
+        return real(flat, **kwargs)
+
+    monkeypatch.setattr(source_module, "column_mean_std", counted)
+    for ddof in (0, 1):
+        mean, std = source.column_moments(ddof=ddof)
+        torch.testing.assert_close(mean, x.mean(0).float(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(std, x.std(0, correction=ddof).float(), rtol=1e-6, atol=1e-7)
+        mean.zero_()  # a copy: the cached statistics stay intact
+        again, _ = source.column_moments(ddof=ddof)
+        torch.testing.assert_close(again, x.mean(0).float(), rtol=0, atol=1e-6)
+    assert calls == [{"ddof": 0}, {"ddof": 1}]
+    # a large offset does not cancel the variance away (two passes)
+    shifted = torch.randn(5000, 3, dtype=torch.float64) * 0.01 + 1e4
+    _, std = column_mean_std(shifted.float(), ddof=1, chunk=512)
+    torch.testing.assert_close(std, shifted.float().double().std(0).float(), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match=r"\[N > 1, D\]"):
+        column_mean_std(torch.zeros(1, 4), ddof=1)

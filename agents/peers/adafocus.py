@@ -364,8 +364,8 @@ def _fit(pair: FeaturePair, args: AdaFocusArgs, train_split: PairSplit | None,
     costs = FrameCosts.from_pair(pair)
     model = seeded_init(args.seed, lambda: AdaFocus(pair.glance_dim, pair.focus_dim,
                                                     len(pair.class_names), args))
-    model.norm_glance.fit(train_split.glance.flat)
-    model.norm_focus.fit(train_split.focus.flat)
+    model.norm_glance.fit(train_split.glance)
+    model.norm_focus.fit(train_split.focus)
     generator = torch.Generator().manual_seed(args.seed)
     batches = _Batches(train_split, args, generator)
     steps = train_steps(train_split.num_videos, args.batch_size, args.epochs, args.min_steps,

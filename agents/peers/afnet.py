@@ -194,8 +194,8 @@ def _fit(pair: FeaturePair, args: AFNetArgs, train_split: PairSplit | None,
     costs = FrameCosts.from_pair(pair)
     model = seeded_init(args.seed, lambda: AFNet(pair.glance_dim, pair.focus_dim,
                                                  len(pair.class_names), args))
-    model.norm_glance.fit(train_split.glance.flat)
-    model.norm_focus.fit(train_split.focus.flat)
+    model.norm_glance.fit(train_split.glance)
+    model.norm_focus.fit(train_split.focus)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)
     labels = torch.as_tensor(train_split.labels)

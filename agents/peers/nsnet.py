@@ -488,8 +488,8 @@ def _fit(pair: FeaturePair, args: NSNetArgs, train_split: PairSplit | None,
     costs = FrameCosts.from_pair(pair)
     model = seeded_init(args.seed, lambda: NSNet(pair.glance_dim, pair.focus_dim,
                                                  len(pair.class_names), args))
-    model.norm_glance.fit(train_split.glance.flat)
-    model.norm_focus.fit(train_split.focus.flat)
+    model.norm_glance.fit(train_split.glance)
+    model.norm_focus.fit(train_split.focus)
     generator = torch.Generator().manual_seed(args.seed)
     t0, cpu0 = time.perf_counter(), time.process_time()
     model.train()
