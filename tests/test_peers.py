@@ -264,3 +264,48 @@ def test_budget_sweep_refuses_bad_knob_values(tiny_pair, tmp_path):
     with pytest.raises(ValueError, match=r"no budget sweep for \['nope'\]"):
         comparison.sweep_peers(tiny_pair, peers, "tiny", 0, tmp_path, False,
                                values={"nope": (1,)})
+
+
+def test_liteeval_forward_equals_the_step_by_step_masked_recurrence():
+    """LiteEval's forward (one unbind, the prediction read at each video's last valid frame)
+    gives the same logits, decisions and gradients as the plain recurrence that holds every
+    state still on padding, for videos of different lengths."""
+    from agents.peers.harness import binary_gumbel
+
+    torch.manual_seed(0)
+    model = liteeval.LiteEval(6, 10, 4, liteeval.LiteEvalArgs(embed_dim=8, coarse_hidden=4,
+                                                               fine_hidden=8, dropout=0.0))
+    glance, focus = torch.randn(5, 7, 6), torch.randn(5, 7, 10)
+    mask = torch.arange(7)[None] < torch.tensor([7, 1, 4, 6, 2])[:, None]
+
+    def held(m, glance, focus, mask, tau, generator):
+        vc, vf = m.embed_glance(m.norm_glance(glance)), m.embed_focus(m.norm_focus(focus))
+        hc = cc = glance.new_zeros(len(mask), m.Hc)
+        hf = cf = glance.new_zeros(len(mask), m.Hf)
+        decisions = []
+        for t in range(mask.shape[1]):
+            valid = mask[:, t, None].float()
+            hc_new, cc_new = m.coarse(vc[:, t], (hc, cc))
+            b = binary_gumbel(m.gate(torch.cat([vc[:, t], hc_new, hf], 1)), tau,
+                              generator)[:, None] * valid
+            hf_read, cf_read = m.fine(torch.cat([vc[:, t], vf[:, t]], 1), (hf, cf))
+            hf_new = b * hf_read + (1 - b) * torch.cat([hc_new, hf[:, m.Hc:]], 1)
+            cf_new = b * cf_read + (1 - b) * torch.cat([cc_new, cf[:, m.Hc:]], 1)
+            hc, cc = valid * hc_new + (1 - valid) * hc, valid * cc_new + (1 - valid) * cc
+            hf, cf = valid * hf_new + (1 - valid) * hf, valid * cf_new + (1 - valid) * cf
+            decisions.append(b[:, 0])
+        return m.classifier(hf), torch.stack(decisions, 1)
+
+    results = []
+    for forward in (liteeval.LiteEval.forward, held):
+        model.zero_grad()
+        logits, decisions = forward(model, glance, focus, mask, 0.5,
+                                    torch.Generator().manual_seed(3))
+        (logits.square().sum() + decisions.sum()).backward()
+        results.append((logits.detach(), decisions.detach(),
+                        [p.grad.clone() for p in model.parameters()]))
+    (logits, decisions, grads), (logits_ref, decisions_ref, grads_ref) = results
+    torch.testing.assert_close(logits, logits_ref)
+    assert torch.equal(decisions, decisions_ref) and not decisions[~mask].any()
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref)
