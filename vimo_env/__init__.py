@@ -10,13 +10,14 @@ from vimo_env.core import CoreObs, CoreStep, EpisodeBatch, EpisodeRecord, Locato
 from vimo_env.gym_env import VideoLocatorsEnv, VideoLocatorsVectorEnv, register
 from vimo_env.parallel_env import VideoLocatorsParallelEnv, env, parallel_env
 from vimo_env.recognizer import Recognizer, RecognizerConfig
+from vimo_env.settings import EnvSettings
 
 register()
 
 __all__ = [
-    "CoreObs", "CoreStep", "EpisodeBatch", "EpisodeRecord", "LocatorCore", "Recognizer",
-    "RecognizerConfig", "VideoLocatorsEnv", "VideoLocatorsParallelEnv", "VideoLocatorsVectorEnv",
-    "env", "parallel_env", "torchrl_env",
+    "CoreObs", "CoreStep", "EnvSettings", "EpisodeBatch", "EpisodeRecord", "LocatorCore",
+    "Recognizer", "RecognizerConfig", "VideoLocatorsEnv", "VideoLocatorsParallelEnv",
+    "VideoLocatorsVectorEnv", "env", "parallel_env", "torchrl_env",
 ]
 
 _LAZY = ("torchrl_env", "VideoLocatorsTorchRLEnv")

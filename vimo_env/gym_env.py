@@ -20,6 +20,10 @@ Gymnasium's ``RecordEpisodeStatistics`` (which asserts the key is free) and SB3'
 Gymnasium envs: both work unchanged and our statistics stay reachable. (The PettingZoo env keeps
 SPEC's ``episode`` key.) In the vector env every value is batched and ``_vimo_episode`` masks the
 rows that ended (Gymnasium's convention).
+
+Both take ``features``, ``recognizer`` and the other keywords of
+:class:`~vimo_env.settings.EnvSettings` (documented there), or ``settings=`` one ``EnvSettings``
+(``gymnasium.make`` / ``make_vec`` pass either through); the result is ``env.settings``.
 """
 
 from __future__ import annotations
@@ -29,79 +33,59 @@ from typing import Any
 import gymnasium
 import numpy as np
 import torch
-from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from features.validation import require_int
-from vimo_env.core import (
-    NUM_ACTIONS,
-    EpisodeBatch,
-    LocatorCore,
-    VideoSampler,
-    build_core,
+from vimo_env.core import EpisodeBatch
+from vimo_env.frontend import (
+    RowView,
+    action_from,
+    draw_videos,
+    joint_spaces,
+    render_first_row,
+    start_episode,
 )
-from vimo_env.parallel_env import action_from, observation_space_for, video_option
-from vimo_env.render import RENDER_MODES, check_render_mode, render_row
+from vimo_env.render import RENDER_MODES, check_render_mode
+from vimo_env.settings import EnvSettings, SettingsKeywords, Unpack
 
 ENV_ID = "VideoLocators-v0"
 #: Info key of the per-episode statistics in the Gymnasium envs (see the module doc).
 EPISODE_KEY = "vimo_episode"
 
 
-def _single_spaces(core: LocatorCore) -> tuple[spaces.Dict, spaces.MultiDiscrete]:
-    one = observation_space_for(core)
-    N = core.num_locators
-    box = spaces.Box(low=np.tile(one.low, (N, 1)), high=np.tile(one.high, (N, 1)),
-                     dtype=np.float32)
-    obs = spaces.Dict({"observation": box, "alive": spaces.MultiBinary(N),
-                       "action_mask": spaces.MultiBinary([N, NUM_ACTIONS])})
-    return obs, spaces.MultiDiscrete([NUM_ACTIONS] * N)
-
-
 class VideoLocatorsEnv(gymnasium.Env):
     """Joint-control ViMo environment (one video per episode); see the module doc.
 
-    Keywords as :func:`vimo_env.parallel_env` (SPEC section 6) plus ``sampler``,
-    ``compute_rewards`` and ``locator_credit`` (adds ``info["locator_credit"]`` ``[N]``, as in
-    :class:`VideoLocatorsVectorEnv`).
+    Keywords: :class:`~vimo_env.settings.EnvSettings` (``locator_credit`` adds
+    ``info["locator_credit"]`` ``[N]``, as in :class:`VideoLocatorsVectorEnv`).
     """
 
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
 
-    def __init__(
-        self,
-        features: Any = None,
-        recognizer: Any = None,
-        split: str | None = "train",
-        num_locators: int = 3,
-        max_moves: int = 4,
-        stride: int = 3,
-        frame_cost: float = 0.1,
-        device: str | torch.device = "auto",
-        seed: int | None = None,
-        render_mode: str | None = None,
-        sampler: str = "random",
-        compute_rewards: bool = True,
-        locator_credit: bool = False,
-    ) -> None:
-        check_render_mode(render_mode)
-        self.render_mode = render_mode
-        self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
-                               max_moves=max_moves, stride=stride, frame_cost=frame_cost,
-                               device=device, seed=seed, compute_rewards=compute_rewards,
-                               batch_size=1, locator_credit=locator_credit)
-        self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
-        self.observation_space, self.action_space = _single_spaces(self.core)
-        if seed is not None:  # seed fixes everything random, action_space.sample() included
-            self.action_space.seed(seed)
+    def __init__(self, features: Any = None, recognizer: Any = None, *,
+                 settings: EnvSettings | None = None,
+                 **keywords: Unpack[SettingsKeywords]) -> None:
+        self.settings = s = EnvSettings.resolve(
+            settings, {"features": features, "recognizer": recognizer, **keywords},
+            owner=type(self).__name__)
+        self.render_mode = s.render_mode
+        self.core = s.build_core(batch_size=1)
+        self.sampler = s.make_sampler(self.core.source.num_videos)
+        self.observation_space, self.action_space = joint_spaces(self.core)
+        if s.seed is not None:  # seed fixes everything random, action_space.sample() included
+            self.action_space.seed(s.seed)
         self._return = 0.0
 
-    def _obs(self) -> dict[str, np.ndarray]:
-        core = self.core
-        return {"observation": core.observation[0].cpu().numpy().copy(),
-                "alive": core.alive[0].cpu().numpy().astype(np.int8),
-                "action_mask": core.action_mask()[0].cpu().numpy().astype(np.int8)}
+    def _outputs(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The observation and the info of the current state."""
+        view = RowView.of(self.core)
+        obs = {"observation": view.observation, "alive": view.alive,
+               "action_mask": view.action_mask}
+        info = {"position": view.position, "frames": view.frames, "p_gt": view.p_gt}
+        if view.locator_credit is not None:
+            info["locator_credit"] = view.locator_credit
+        return obs, info
 
     def action_masks(self) -> np.ndarray:
         """Legal actions, bool ``[N * 4]`` (locator-major): sb3-contrib's ``MaskablePPO``
@@ -109,15 +93,6 @@ class VideoLocatorsEnv(gymnasium.Env):
         if self.core.batch_size is None:
             raise RuntimeError("action_masks() before reset()")
         return self.core.action_mask()[0].reshape(-1).cpu().numpy()
-
-    def _info(self) -> dict[str, Any]:
-        core = self.core
-        info = {"position": core.positions[0].cpu().numpy().copy(),
-                "frames": core.frames_observed[0].cpu().numpy().copy(),
-                "p_gt": float(core.p_gt[0])}
-        if core.locator_credit:
-            info["locator_credit"] = core.credit[0].cpu().numpy().copy()
-        return info
 
     def reset(self, *, seed: int | None = None, options: dict | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -127,13 +102,9 @@ class VideoLocatorsEnv(gymnasium.Env):
             self.action_space.seed(seed)
             if self.core.start_jitter:
                 self.core.set_start_jitter(self.core.start_jitter, seed)
-        if options and "video" in options:
-            video = video_option(options["video"], self.core.source.num_videos)
-        else:
-            video = int(self.sampler.draw(1)[0])
-        self.core.reset(torch.tensor([video], device=self.core.device))
+        start_episode(self.core, self.sampler, options)
         self._return = 0.0
-        return self._obs(), self._info()
+        return self._outputs()
 
     def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         core = self.core
@@ -150,26 +121,16 @@ class VideoLocatorsEnv(gymnasium.Env):
         out = core.step(torch.tensor([joint], device=core.device))
         reward = float(out.reward[0])
         self._return += reward
-        info = self._info()
+        obs, info = self._outputs()
         terminated = bool(out.done[0])
         if out.finished is not None:
             episode = out.finished.records()[0].as_info()
             episode.update(r=self._return, l=int(core.steps[0]))
             info[EPISODE_KEY] = episode
-        return self._obs(), reward, terminated, False, info
+        return obs, reward, terminated, False, info
 
     def render(self) -> str | np.ndarray | None:
-        if self.render_mode is None:
-            gymnasium.logger.warn("render() called without a render_mode; pass render_mode=")
-            return None
-        core = self.core
-        title = core.source.video_ids[int(core.videos[0])] if core.batch_size else ""
-        out = render_row(core, 0, "ansi" if self.render_mode == "human" else self.render_mode,
-                         title)
-        if self.render_mode == "human":
-            print(out)
-            return None
-        return out
+        return render_first_row(self.core, self.render_mode)
 
 
 class VideoLocatorsVectorEnv(VectorEnv):
@@ -182,49 +143,38 @@ class VideoLocatorsVectorEnv(VectorEnv):
     locator's difference reward in the last step (the team reward minus the team reward had
     that locator alone stopped; 0 for locators that did not observe and after a reset), the
     per-locator credit CTDE learners can train on (``SACConfig.difference_credit``).
+
+    Keywords: ``num_envs`` (B, also positional first) plus those of
+    :class:`~vimo_env.settings.EnvSettings` (``render_mode`` ``"ansi"`` or ``"rgb_array"`` only).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi", "rgb_array"],
                 "render_fps": 4}
 
-    def __init__(
-        self,
-        num_envs: int = 1,
-        features: Any = None,
-        recognizer: Any = None,
-        split: str | None = "train",
-        num_locators: int = 3,
-        max_moves: int = 4,
-        stride: int = 3,
-        frame_cost: float = 0.1,
-        device: str | torch.device = "auto",
-        seed: int | None = None,
-        render_mode: str | None = None,
-        sampler: str = "random",
-        compute_rewards: bool = True,
-        locator_credit: bool = False,
-    ) -> None:
-        check_render_mode(render_mode, self.metadata["render_modes"])
-        self.render_mode = render_mode
+    def __init__(self, num_envs: int = 1, features: Any = None, recognizer: Any = None, *,
+                 settings: EnvSettings | None = None,
+                 **keywords: Unpack[SettingsKeywords]) -> None:
+        self.settings = s = EnvSettings.resolve(
+            settings, {"features": features, "recognizer": recognizer, **keywords},
+            owner=type(self).__name__, own=("num_envs",))
+        check_render_mode(s.render_mode, self.metadata["render_modes"])
+        self.render_mode = s.render_mode
         self.num_envs = require_int(num_envs, "num_envs", minimum=1)
-        self.core = build_core(features, recognizer, split=split, num_locators=num_locators,
-                               max_moves=max_moves, stride=stride, frame_cost=frame_cost,
-                               device=device, seed=seed, compute_rewards=compute_rewards,
-                               batch_size=self.num_envs, locator_credit=locator_credit)
-        self.sampler = VideoSampler(self.core.source.num_videos, sampler, seed)
-        self.single_observation_space, self.single_action_space = _single_spaces(self.core)
+        self.core = s.build_core(batch_size=self.num_envs)
+        self.sampler = s.make_sampler(self.core.source.num_videos)
+        self.single_observation_space, self.single_action_space = joint_spaces(self.core)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        if seed is not None:  # as reset(seed=): the batched and the single action space
-            self.action_space.seed(seed)
-            self.single_action_space.seed(seed)
+        if s.seed is not None:  # as reset(seed=): the batched and the single action space
+            self.action_space.seed(s.seed)
+            self.single_action_space.seed(s.seed)
         # rows whose episode ended at the last step (they restart at the next one); on the host,
         # so a step never reads the device to find them
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)
         self._returns = np.zeros(self.num_envs)
 
     def _draw(self, count: int) -> torch.Tensor:
-        return torch.as_tensor(self.sampler.draw(count), device=self.core.device)
+        return draw_videos(self.sampler, count, self.core)
 
     def _host(self, *extra: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, Any],
                                                    list[np.ndarray]]:
@@ -359,11 +309,7 @@ class VideoLocatorsVectorEnv(VectorEnv):
 
     def render(self) -> str | np.ndarray | None:
         """Row 0's timeline."""
-        if self.render_mode is None:
-            return None
-        core = self.core
-        return render_row(core, 0, self.render_mode,
-                          core.source.video_ids[int(core.videos[0])])
+        return render_first_row(self.core, self.render_mode, warn=False)
 
 
 def register() -> None:

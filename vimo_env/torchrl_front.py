@@ -1,6 +1,7 @@
 """TorchRL front-end: a natively batched ``EnvBase`` over :class:`~vimo_env.core.LocatorCore`.
 
-``vimo_env.torchrl_env(features=..., num_envs=B, ...)`` (SPEC section 6 keywords) returns
+``vimo_env.torchrl_env(features=..., num_envs=B, ...)`` (the keywords of
+:class:`~vimo_env.settings.EnvSettings`, or ``settings=`` one, plus its own) returns
 :class:`VideoLocatorsTorchRLEnv`, ``batch_size=[B]``, on the core's device. It is a thin view of
 the core - not a wrapper around the PettingZoo or Gymnasium envs: a step is one
 ``LocatorCore.step`` plus a few tensor reshapes, no Python loop over videos or locators, and
@@ -55,13 +56,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from features.validation import require_int
-from vimo_env.core import NUM_ACTIONS, EpisodeBatch, VideoSampler, build_core
-from vimo_env.render import check_render_mode, render_row
+from vimo_env.core import NUM_ACTIONS, EpisodeBatch
+from vimo_env.frontend import (
+    draw_videos,
+    observation_space_for,
+    render_first_row,
+    state_space_for,
+)
+from vimo_env.render import check_render_mode
+from vimo_env.settings import EnvSettings, SettingsKeywords, Unpack
 
 GROUP = "locators"
 
@@ -69,47 +78,34 @@ GROUP = "locators"
 class VideoLocatorsTorchRLEnv(EnvBase):
     """``num_envs`` ViMo episodes as one batched TorchRL env (see the module doc).
 
-    Keywords as :func:`vimo_env.parallel_env` (SPEC section 6) plus ``num_envs`` (B),
-    ``sampler`` (``"random"`` or ``"sweep"``), ``compute_rewards``, ``locator_credit``,
-    ``strict_masks`` and ``update_spec_mask``.
+    Keywords: ``num_envs`` (B, also positional first), ``features``, ``recognizer`` and the
+    other keywords of :class:`~vimo_env.settings.EnvSettings` (``render_mode`` ``"ansi"`` or
+    ``"rgb_array"``), or ``settings=`` one ``EnvSettings`` (kept as ``self.settings``); plus
+    its own ``strict_masks`` and ``update_spec_mask`` (see the module doc).
     """
 
     batch_locked = True
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
-    def __init__(
-        self,
-        num_envs: int = 1,
-        features: Any = None,
-        recognizer: Any = None,
-        split: str | None = "train",
-        num_locators: int = 3,
-        max_moves: int = 4,
-        stride: int = 3,
-        frame_cost: float = 0.1,
-        device: str | torch.device = "auto",
-        seed: int | None = None,
-        render_mode: str | None = None,
-        sampler: str = "random",
-        compute_rewards: bool = True,
-        locator_credit: bool = False,
-        strict_masks: bool = False,
-        update_spec_mask: bool = True,
-    ) -> None:
-        check_render_mode(render_mode, self.metadata["render_modes"])
+    def __init__(self, num_envs: int = 1, features: Any = None, recognizer: Any = None, *,
+                 strict_masks: bool = False, update_spec_mask: bool = True,
+                 settings: EnvSettings | None = None,
+                 **keywords: Unpack[SettingsKeywords]) -> None:
+        s = EnvSettings.resolve(
+            settings, {"features": features, "recognizer": recognizer, **keywords},
+            owner=type(self).__name__, own=("num_envs", "strict_masks", "update_spec_mask"))
+        check_render_mode(s.render_mode, self.metadata["render_modes"])
         num_envs = require_int(num_envs, "num_envs", minimum=1)
-        core = build_core(features, recognizer, split=split, num_locators=num_locators,
-                          max_moves=max_moves, stride=stride, frame_cost=frame_cost,
-                          device=device, seed=seed, compute_rewards=compute_rewards,
-                          batch_size=num_envs, locator_credit=locator_credit)
+        core = s.build_core(batch_size=num_envs)
         super().__init__(device=core.device, batch_size=torch.Size([num_envs]))
+        self.settings = s
         self.core = core
-        self.render_mode = render_mode
+        self.render_mode = s.render_mode
         self.num_envs = num_envs
         self.num_locators = core.num_locators
         self.strict_masks = bool(strict_masks)
         self.update_spec_mask = bool(update_spec_mask)
-        self.sampler = VideoSampler(core.source.num_videos, sampler, seed)
+        self.sampler = s.make_sampler(core.source.num_videos)
         self.last_finished: EpisodeBatch | None = None
         self._started = False
         self._make_specs()
@@ -118,16 +114,16 @@ class VideoLocatorsTorchRLEnv(EnvBase):
     def _make_specs(self) -> None:
         core, dev = self.core, self.core.device
         B, N, D = self.num_envs, core.num_locators, core.obs_dim
-        low_h, high_h = core.observation_bounds()
-        if np.isfinite(low_h) and np.isfinite(high_h):
-            low = torch.cat([torch.full((core.hidden_dim,), low_h), torch.zeros(3)])
-            high = torch.cat([torch.full((core.hidden_dim,), high_h), torch.ones(3)])
-            obs = Bounded(low=low.expand(B, N, D).clone(), high=high.expand(B, N, D).clone(),
-                          shape=(B, N, D), dtype=torch.float32, device=dev)
-            state = Bounded(
-                low=torch.cat([low.repeat(N), torch.zeros(N)]).expand(B, N * D + N).clone(),
-                high=torch.cat([high.repeat(N), torch.ones(N)]).expand(B, N * D + N).clone(),
-                shape=(B, N * D + N), dtype=torch.float32, device=dev)
+        # the other front-ends' bounds (Gymnasium boxes), as tensors
+        box, state_box = observation_space_for(core), state_space_for(core)
+        if np.isfinite(box.low).all() and np.isfinite(box.high).all():
+
+            def bounded(space: spaces.Box, *shape: int) -> Bounded:
+                return Bounded(low=torch.from_numpy(space.low).expand(*shape).clone(),
+                               high=torch.from_numpy(space.high).expand(*shape).clone(),
+                               shape=shape, dtype=torch.float32, device=dev)
+
+            obs, state = bounded(box, B, N, D), bounded(state_box, B, N * D + N)
         else:  # pooled F_T: the embedding part is unbounded
             obs = Unbounded(shape=(B, N, D), dtype=torch.float32, device=dev)
             state = Unbounded(shape=(B, N * D + N), dtype=torch.float32, device=dev)
@@ -188,7 +184,7 @@ class VideoLocatorsTorchRLEnv(EnvBase):
 
     # ---------------------------------------------------------------- reset
     def _draw(self, count: int) -> torch.Tensor:
-        return torch.as_tensor(self.sampler.draw(count), device=self.core.device)
+        return draw_videos(self.sampler, count, self.core)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDict:
         core, B = self.core, self.num_envs
@@ -265,14 +261,16 @@ class VideoLocatorsTorchRLEnv(EnvBase):
     # ---------------------------------------------------------------- extras
     def render(self) -> str | np.ndarray | None:
         """Row 0's timeline in ``render_mode`` (``"ansi"`` or ``"rgb_array"``)."""
-        if self.render_mode is None or not self._started:
+        if not self._started:
             return None
-        core = self.core
-        return render_row(core, 0, self.render_mode, core.source.video_ids[int(core.videos[0])])
+        return render_first_row(self.core, self.render_mode, warn=False)
 
 
-def torchrl_env(**kwargs: Any) -> VideoLocatorsTorchRLEnv:
-    """The natively batched TorchRL env (keywords: SPEC section 6, plus ``num_envs``,
-    ``sampler``, ``compute_rewards``, ``locator_credit``, ``strict_masks``,
-    ``update_spec_mask``)."""
-    return VideoLocatorsTorchRLEnv(**kwargs)
+def torchrl_env(num_envs: int = 1, features: Any = None, recognizer: Any = None, *,
+                strict_masks: bool = False, update_spec_mask: bool = True,
+                settings: EnvSettings | None = None,
+                **keywords: Unpack[SettingsKeywords]) -> VideoLocatorsTorchRLEnv:
+    """The natively batched TorchRL env (keywords: :class:`VideoLocatorsTorchRLEnv`)."""
+    return VideoLocatorsTorchRLEnv(num_envs, features, recognizer, strict_masks=strict_masks,
+                                   update_spec_mask=update_spec_mask, settings=settings,
+                                   **keywords)
