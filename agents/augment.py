@@ -13,6 +13,7 @@ confidence comes down to the val confidence), so nothing is set per dataset.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +61,13 @@ class FeatureNoiseSource(FrameSource):
 
     def begin_episodes(self, videos: torch.Tensor) -> None:
         self.base.begin_episodes(videos)
+
+    def random_state(self) -> dict[str, Any]:
+        return {"noise": self.generator.get_state(), "base": self.base.random_state()}
+
+    def set_random_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["noise"])
+        self.base.set_random_state(state["base"])
 
     def _noisy(self, features: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(features.shape, generator=self.generator, device=features.device)

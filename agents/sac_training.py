@@ -5,6 +5,7 @@ budget, checkpoint-and-resume that loses nothing, and val selection of the best 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -135,11 +136,14 @@ def train_sac(
 
     ``out_dir`` (optional) receives TensorBoard logs (``tb/``), ``checkpoint.pt`` (every epoch
     and at the end) and ``buffer-<env step>.h5`` (the replay buffer it was saved with).
-    ``resume=True`` reloads both (and the RNG states) and continues from the epoch and step
-    counters stored in ``checkpoint.pt`` (never from the TensorBoard log, which a kill can leave
-    behind the checkpoint, so that an epoch would train twice). The env's in-flight episodes are
-    not saved: they restart on resume, so a resumed run trains the same budget with the same
-    counters as an uninterrupted one, but not bit for bit the same weights. ``algorithm``
+    ``resume=True`` reloads both, the RNG states and the env's in-flight episodes (when the env
+    can save them: ``episode_state``, as :class:`~vimo_env.gym_env.VideoLocatorsVectorEnv`
+    does) and continues from the epoch and step counters stored in ``checkpoint.pt`` (never
+    from the TensorBoard log, which a kill can leave behind the checkpoint, so that an epoch
+    would train twice). On the CPU a run killed after any epoch and resumed then ends with the
+    same weights, bit for bit, as one that was never interrupted. (An env without
+    ``episode_state`` restarts its episodes on resume: the same budget and counters, not the
+    same weights.) ``algorithm``
     continues training an existing learner (e.g. Stage III); otherwise one is built for the
     env's shapes.
 
@@ -180,6 +184,7 @@ def train_sac(
     if resume and not resumed:
         raise FileNotFoundError(f"{checkpoint}: nothing to resume from")
     start_epoch = start_env_step = start_update_step = 0
+    episodes = None  # the env's and collector's in-flight episodes at the checkpoint
     if resumed:
         extra = load_checkpoint(algorithm, checkpoint)
         for counter in ("epoch", "env_step", "gradient_step"):
@@ -200,10 +205,16 @@ def train_sac(
                 raise FileNotFoundError(f"{buffer_file}: the replay buffer that {checkpoint} "
                                         "was saved with is missing")
             collector.buffer = VectorReplayBuffer.load_hdf5(str(buffer_file))
+        episodes = extra.get("episodes")
     grads_per_update = round(config.updates_per_env_step * config.collect_env_steps)
     algorithm.critic_only_steps_left = max(
         0, config.critic_warmup_gradient_steps - start_update_step * grads_per_update)
-    collector.reset(reset_buffer=not resumed)
+    if episodes is not None and env.saves_episodes:
+        env.load_episode_state(episodes["env"])
+        _set_pre_collect(collector, episodes["collector"])
+    else:
+        episodes = None
+        collector.reset(reset_buffer=not resumed)
     if config.warmup_env_steps and not resumed:
         collector.collect(n_step=config.warmup_env_steps, random=True)
 
@@ -240,9 +251,13 @@ def train_sac(
             buffer_name = f"buffer-{env_step}.h5"
             with atomic_path(out / buffer_name) as partial:
                 collector.buffer.save_hdf5(str(partial))
+            env_state = env.episode_state()
+            in_flight = (None if env_state is None else
+                         {"env": env_state, "collector": _pre_collect(collector)})
             save_checkpoint(algorithm, checkpoint, epoch=epoch, env_step=env_step,
                             gradient_step=gradient_step, config=asdict(config),
-                            best_score=best_score, rng=rng_states(), buffer=buffer_name)
+                            best_score=best_score, rng=rng_states(), buffer=buffer_name,
+                            episodes=in_flight)
             for old in out.glob("buffer-*.h5"):
                 if old.name != buffer_name:
                     old.unlink()
@@ -264,7 +279,8 @@ def train_sac(
         show_progress=show_progress,
     )
     with _tianshou_bars(show_progress):
-        info = algorithm.run_training(params)
+        # restored episodes go on: the trainer must not restart them
+        info = algorithm.create_trainer(params).run(reset_collectors=episodes is None)
     # train_step counts this run's collector only; update_step continues the logged counter
     # (Tianshou passes it to save_fn as "gradient_step", but each update step runs
     # round(updates_per_env_step * collect_env_steps) gradient steps)
@@ -286,6 +302,20 @@ def train_sac(
         best_env_step=best_env_step,
         info=info,
     )
+
+
+def _pre_collect(collector: Collector) -> dict[str, Any]:
+    """The collector's view of the in-flight episodes: the last observations and infos it
+    will act on (Tianshou 2.0's ``Collector`` keeps them between ``collect`` calls)."""
+    return {"obs": copy.deepcopy(collector._pre_collect_obs_RO),
+            "info": copy.deepcopy(collector._pre_collect_info_R),
+            "hidden": copy.deepcopy(collector._pre_collect_hidden_state_RH)}
+
+
+def _set_pre_collect(collector: Collector, state: dict[str, Any]) -> None:
+    collector._pre_collect_obs_RO = copy.deepcopy(state["obs"])
+    collector._pre_collect_info_R = copy.deepcopy(state["info"])
+    collector._pre_collect_hidden_state_RH = copy.deepcopy(state["hidden"])
 
 
 @contextmanager

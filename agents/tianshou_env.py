@@ -203,6 +203,29 @@ class TianshouVectorEnvAdapter:
             self._infos(info, rows),
         )
 
+    @property
+    def saves_episodes(self) -> bool:
+        """Whether the wrapped env can save and restore its in-flight episodes."""
+        return hasattr(self.env, "episode_state") and hasattr(self.env, "load_episode_state")
+
+    def episode_state(self) -> dict[str, Any] | None:
+        """The wrapped env's :meth:`~vimo_env.gym_env.VideoLocatorsVectorEnv.episode_state`
+        and this adapter's own bookkeeping; None when the env cannot save its episodes."""
+        if not self.saves_episodes:
+            return None
+        return {"env": self.env.episode_state(), "attached": self._attached.copy(),
+                "needs_reset": self._needs_reset.copy(), "next_seed": self._next_seed,
+                "pending_obs": copy.deepcopy(self._pending_obs),
+                "last_info": copy.deepcopy(self.last_info)}
+
+    def load_episode_state(self, state: dict[str, Any]) -> None:
+        """Undo :meth:`episode_state`."""
+        self.env.load_episode_state(state["env"])
+        self._attached, self._needs_reset = state["attached"].copy(), state["needs_reset"].copy()
+        self._next_seed = state["next_seed"]
+        self._pending_obs = copy.deepcopy(state["pending_obs"])
+        self.last_info = copy.deepcopy(state["last_info"])
+
     def seed(self, seed: int | None = None) -> list[int | None]:
         """Seed the next full reset (the batched env has one generator for all rows)."""
         self._next_seed = seed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,17 @@ class FrameSource(ABC):
 
     def begin_episodes(self, videos: torch.Tensor) -> None:  # noqa: B027 - optional hook
         """Hook: episodes start on ``videos`` (a live source drops their old frame caches)."""
+
+    def random_state(self) -> Any:
+        """The state of any random stream reads draw from (None: reads are deterministic), so
+        that a training checkpoint can continue it exactly."""
+        return None
+
+    def set_random_state(self, state: Any) -> None:
+        """Undo :meth:`random_state`."""
+        if state is not None:
+            raise ValueError(f"{type(self).__name__} draws no random numbers, but was given a "
+                             "random state (a checkpoint from another source?)")
 
     #: True when every feature was checked finite at load, so a consumer need not check the
     #: rows it gathers (the env then skips a per-step device sync)

@@ -569,3 +569,62 @@ def test_clone_actor_fits_alive_locators_and_ignores_stopped_ones():
         clone_actor(algo, observation[:, :2], alive, actions, gradient_steps=1)
     with pytest.raises(ValueError, match="no transition"):
         clone_actor(algo, observation, torch.zeros_like(alive), actions, gradient_steps=1)
+
+
+class _Killed(Exception):
+    """Stands for a kill -9 right after a checkpoint was written."""
+
+
+@pytest.mark.parametrize("augmented", [False, True], ids=["plain", "noise+jitter"])
+def test_a_run_killed_after_an_epoch_resumes_to_the_same_weights(tiny_dataset, tmp_path,
+                                                                  monkeypatch, augmented):
+    """On the CPU, SAC on the real env killed after its second epoch's checkpoint and resumed
+    ends bit for bit where an uninterrupted run of the same seed ends: the env's in-flight
+    episodes, its sampler, the noise and jitter streams and the collector's last observations
+    are in the checkpoint, and the trainer continues them instead of restarting episodes."""
+    import agents.sac_training as sac_training
+    from agents.augment import FeatureNoiseSource
+    from features.source import CachedFrameSource
+    from vimo_env.gym_env import VideoLocatorsVectorEnv
+    from vimo_env.recognizer import Recognizer, RecognizerConfig
+
+    train = CachedFrameSource(tiny_dataset, split="train", device="cpu")
+    torch.manual_seed(0)
+    recognizer = Recognizer(RecognizerConfig(feature_dim=train.feature_dim,
+                                             num_classes=train.num_classes, num_locators=2,
+                                             hidden_dim=16, transformer_layers=1,
+                                             transformer_heads=2, transformer_dim=16,
+                                             transformer_ff_dim=32)).eval()
+
+    def factory(num_envs: int, seed: int) -> VideoLocatorsVectorEnv:
+        source = FeatureNoiseSource(train, 0.5, seed) if augmented else train
+        env = VideoLocatorsVectorEnv(num_envs, features=source, recognizer=recognizer,
+                                     num_locators=2, max_moves=3, stride=2, frame_cost=0.01,
+                                     device="cpu", seed=seed)
+        if augmented:
+            env.core.set_start_jitter(2, seed)
+        return env
+
+    config = small_config(num_envs=4, collect_env_steps=16, batch_size=16, epoch_env_steps=48,
+                          warmup_env_steps=32, actor_hidden=(32,), critic_hidden=(32,))
+    whole = train_sac(factory, config, env_steps=144, out_dir=tmp_path / "whole")
+    real_save = sac_training.save_checkpoint
+
+    def save_then_die(algorithm, path, **extra):
+        out = real_save(algorithm, path, **extra)
+        if path.name == "checkpoint.pt" and extra.get("env_step") == 96:
+            raise _Killed
+        return out
+
+    monkeypatch.setattr(sac_training, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train_sac(factory, config, env_steps=144, out_dir=tmp_path / "killed")
+    monkeypatch.setattr(sac_training, "save_checkpoint", real_save)
+    saved = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["extra"]
+    assert saved["env_step"] == 96 and saved["episodes"] is not None
+    resumed = train_sac(factory, config, env_steps=144, out_dir=tmp_path / "killed",
+                        resume=True)
+    assert (resumed.env_steps, resumed.update_steps) == (whole.env_steps, whole.update_steps)
+    for (name, x), y in zip(whole.algorithm.named_parameters(),
+                            resumed.algorithm.parameters(), strict=True):
+        assert torch.equal(x, y), name

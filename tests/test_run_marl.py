@@ -678,25 +678,45 @@ def test_trajectory_logger_logs_a_figure_per_epoch(full_run, tiny_dataset, tmp_p
     assert [i.step for i in images] == [128, 256] and images[0].height > 300
 
 
+def _subprocess_command(tiny_dataset, out: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, str(ROOT / "benchmarks" / "run_marl.py"), "--dataset",
+            str(tiny_dataset), "--budget", "tiny", "--out", str(out), "--seed", "0",
+            "--no-progress", "--no-peers", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_subprocess_run(tiny_dataset, tmp_path_factory):
+    """The kill -9 test's command run through once, in a subprocess of its own (the same
+    threads and process set-up as the killed run, so weights can be compared bit for bit)."""
+    import os
+    import subprocess
+
+    out = tmp_path_factory.mktemp("marl_uninterrupted")
+    subprocess.run(_subprocess_command(tiny_dataset, out), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   check=True)
+    return out
+
+
 @pytest.mark.parametrize("part", ["stage2", "stage3/round0/sac"])
-def test_kill_9_inside_a_sac_part_then_resume_finishes_the_same_budget(full_run, tiny_dataset,
-                                                                       tmp_path, part):
+def test_kill_9_inside_a_sac_part_then_resume_finishes_the_same_budget(
+        uninterrupted_subprocess_run, tiny_dataset, tmp_path, part):
     """A real crash: run_marl.py in a subprocess gets SIGKILL as soon as the SAC part has
     written its first checkpoint (wherever it then is: collecting, updating, writing the next
     buffer); --resume then finishes every stage with the same counters as an uninterrupted run
-    of the same seed, and the checkpoint's buffer is the one it names. (Weights are not
-    compared: the env's in-flight episodes restart on resume; see agents/sac_training.py.)"""
+    of the same seed, the checkpoint's buffer is the one it names, and every learner and
+    score is bit for bit the uninterrupted run's (the checkpoint holds the in-flight
+    episodes; see agents/sac_training.py)."""
     import os
     import signal
     import subprocess
-    import sys
     import time
 
-    reference_dir, _ = full_run
+    reference_dir = uninterrupted_subprocess_run
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "run_marl.py"), "--dataset",
-           str(tiny_dataset), "--budget", "tiny", "--out", str(out), "--seed", "0",
-           "--no-progress", "--no-peers", "--threads", "1"]
+    cmd = _subprocess_command(tiny_dataset, out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     checkpoint = out / "train" / part / "checkpoint.pt"
@@ -718,6 +738,20 @@ def test_kill_9_inside_a_sac_part_then_resume_finishes_the_same_budget(full_run,
         expected = json.loads((reference_dir / "train" / counted).read_text())
         for counter in ("env_steps", "update_steps", "gradient_steps"):
             assert got[counter] == expected[counter] > 0, (counted, counter)
+    # and the same learners, bit for bit: every SAC part's result and the final scores
+    for ckpt in ("stage2/checkpoint.pt", "stage2/best.pt", "stage3/round0/sac/checkpoint.pt",
+                 "stage3/round0/sac/best.pt"):
+        got = torch.load(out / "train" / ckpt, weights_only=False)["algorithm"]
+        expected = torch.load(reference_dir / "train" / ckpt, weights_only=False)["algorithm"]
+        assert got.keys() == expected.keys()
+        for key in got:
+            if isinstance(got[key], torch.Tensor):
+                assert torch.equal(got[key], expected[key]), (ckpt, key)
+    rows = json.loads((out / "results.json").read_text())["policies"]
+    reference_rows = json.loads((reference_dir / "results.json").read_text())["policies"]
+    assert [(r["name"], r["mAP"], r["frames_per_video"]) for r in rows
+            if r["name"] not in PEERS] == [(r["name"], r["mAP"], r["frames_per_video"])
+                                           for r in reference_rows if r["name"] not in PEERS]
 
 
 def test_policy_generalization_script_plays_each_policy_on_train_and_val(full_run, tmp_path):

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -328,6 +329,41 @@ class LocatorCore:
         self.state = self.recognizer.initial_state(B, dev)
         self.observation = torch.zeros(B, N, self.obs_dim, device=dev)
         self._locator_index = torch.arange(N, device=dev)
+
+    #: every tensor that changes while episodes run (see :meth:`episode_state`)
+    EPISODE_TENSORS = ("videos", "lengths", "labels", "positions", "frames_observed", "steps",
+                       "alive", "done", "active", "p_gt", "credit", "trajectories", "state",
+                       "observation")
+
+    def episode_state(self) -> dict[str, Any]:
+        """Copies of everything the running episodes are made of (the per-row tensors, the
+        start jitter's and the source's random streams), for a training checkpoint that
+        continues in-flight episodes exactly (:meth:`load_episode_state`)."""
+        if self.batch_size is None:
+            raise RuntimeError("episode_state() before the first reset()")
+        return {"batch_size": self.batch_size,
+                "tensors": {name: getattr(self, name).clone() for name in self.EPISODE_TENSORS},
+                "jitter": (self._jitter_generator.get_state()
+                           if self._jitter_generator is not None else None),
+                "source": self.source.random_state()}
+
+    def load_episode_state(self, state: dict[str, Any]) -> None:
+        """Continue the episodes of :meth:`episode_state` (same batch size and shapes)."""
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(f"episode state is for {state['batch_size']} rows, this core has "
+                             f"{self.batch_size}")
+        for name in self.EPISODE_TENSORS:
+            saved, mine = state["tensors"][name], getattr(self, name)
+            if saved.shape != mine.shape or saved.dtype != mine.dtype:
+                raise ValueError(f"episode state: {name} is {saved.dtype} "
+                                 f"{tuple(saved.shape)}, this core's is {mine.dtype} "
+                                 f"{tuple(mine.shape)} (another recognizer or settings?)")
+            mine.copy_(saved.to(mine.device))
+        if (state["jitter"] is None) != (self._jitter_generator is None):
+            raise ValueError("episode state and this core disagree on start jitter")
+        if self._jitter_generator is not None:
+            self._jitter_generator.set_state(state["jitter"])
+        self.source.set_random_state(state["source"])
 
     def _rows(self, rows: torch.Tensor | None, what: str) -> torch.Tensor | None:
         """Validated row indices (None = all rows)."""
@@ -679,6 +715,21 @@ class VideoSampler:
         self._seed = seed
         self._rng = np.random.default_rng(seed)
         self._next = 0
+
+    def get_state(self) -> dict[str, Any]:
+        """Where the sampler stands (its random stream, the sweep's next video)."""
+        return {"mode": self.mode, "seed": self._seed, "next": self._next,
+                "rng": self._rng.bit_generator.state if self._rng is not None else None}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Undo :meth:`get_state`."""
+        if state["mode"] != self.mode:
+            raise ValueError(f"sampler state is for mode {state['mode']!r}, not {self.mode!r}")
+        self._seed, self._next = state["seed"], int(state["next"])
+        self._rng = None
+        if state["rng"] is not None:
+            self._rng = np.random.default_rng()
+            self._rng.bit_generator.state = state["rng"]
 
     def draw(self, count: int) -> np.ndarray:
         """Video indices (int64 ``[count]``) for the next ``count`` episodes."""

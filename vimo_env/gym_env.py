@@ -204,6 +204,23 @@ class VideoLocatorsVectorEnv(VectorEnv):
             k = 7
         return obs, info, [p[:, 0] for p in pieces[k:]]
 
+    def episode_state(self) -> dict[str, Any]:
+        """Everything the running episodes and the next ones depend on (the core's rows, the
+        sampler, pending autoresets, returns so far): a training checkpoint saves it so that a
+        resumed run continues these very episodes (:meth:`load_episode_state`)."""
+        return {"core": self.core.episode_state(), "sampler": self.sampler.get_state(),
+                "needs_reset": self._needs_reset.copy(), "returns": self._returns.copy()}
+
+    def load_episode_state(self, state: dict[str, Any]) -> None:
+        """Undo :meth:`episode_state` (same ``num_envs``)."""
+        if len(state["needs_reset"]) != self.num_envs:
+            raise ValueError(f"episode state is for {len(state['needs_reset'])} envs, this "
+                             f"env has {self.num_envs}")
+        self.core.load_episode_state(state["core"])
+        self.sampler.set_state(state["sampler"])
+        self._needs_reset = state["needs_reset"].copy()
+        self._returns = state["returns"].copy()
+
     def action_masks(self) -> np.ndarray:
         """Legal actions of every row, bool ``[B, N * 4]`` (see :class:`VideoLocatorsEnv`)."""
         if self.core.batch_size is None:
