@@ -84,6 +84,7 @@ from agents.trainer import (
 )
 from vimo_env.core import NUM_ACTIONS
 from vimo_env.recognizer import Recognizer
+from vimo_env.settings import EnvSettings
 
 GROUP = "locators"
 ENV_NAME = "vimo"
@@ -126,18 +127,17 @@ class TaskConfig:
                 raise ValueError(f"TaskConfig.recognizer must be a checkpoint path or None, got "
                                  f"{self.recognizer!r}")
             self.recognizer = str(self.recognizer)
-        for name in ("num_locators", "max_moves", "stride"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TaskConfig.{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.frame_cost, bool) or not isinstance(self.frame_cost, (int, float)) \
                 or not self.frame_cost >= 0:
             raise ValueError(f"TaskConfig.frame_cost must be a number >= 0, got "
                              f"{self.frame_cost!r}")
-        self.frame_cost = float(self.frame_cost)
-        if self.sampler not in ("random", "sweep"):
-            raise ValueError(f"TaskConfig.sampler must be 'random' or 'sweep', got "
-                             f"{self.sampler!r}")
+        # the env's own keywords are checked where every front-end's are, with its messages
+        try:
+            settings = EnvSettings(**{f.name: getattr(self, f.name) for f in fields(self)})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"TaskConfig.{err}") from err
+        for name in ("num_locators", "max_moves", "stride", "frame_cost"):
+            setattr(self, name, getattr(settings, name))
 
 
 def check_task_config(config: dict[str, Any], where: str = "task config") -> dict[str, Any]:
