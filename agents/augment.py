@@ -65,8 +65,11 @@ class FeatureNoiseSource(FrameSource):
     def random_state(self) -> dict[str, Any]:
         return {"noise": self.generator.get_state(), "base": self.base.random_state()}
 
-    def set_random_state(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["noise"])
+    def set_random_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            raise ValueError("the saved episodes were read without feature noise, this source "
+                             "adds it: resume with the noise setting they were trained with")
+        self.generator.set_state(state["noise"].cpu())
         self.base.set_random_state(state["base"])
 
     def _noisy(self, features: torch.Tensor) -> torch.Tensor:

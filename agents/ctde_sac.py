@@ -133,8 +133,9 @@ class SACConfig:
 def _obs_tensors(obs: Any, device: torch.device, check_finite: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(observation float [B,N,D], alive bool [B,N]) from a Batch or dict observation.
-    ``check_finite=False`` for replay-buffer samples: every observation stored there was checked
-    when the policy acted on it (the check cost ~3% of Stage II's gradient steps)."""
+    ``check_finite=False`` in the gradient step, for replay-buffer samples: the env checks its
+    features at load, and each sample's next observations are checked anyway when the target's
+    policy call reads them (the check cost ~3% of Stage II's gradient steps)."""
     observation = obs["observation"] if isinstance(obs, dict) else obs.observation
     alive = obs["alive"] if isinstance(obs, dict) else obs.alive
     observation = torch.as_tensor(observation, dtype=torch.float32, device=device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -53,7 +54,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     """Undo :func:`rng_states`."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())  # a checkpoint loaded onto a GPU moved it
 
 
 class CheckpointCountersLogger(TensorboardLogger):
@@ -183,6 +184,7 @@ def train_sac(
     resumed = bool(resume and checkpoint is not None and checkpoint.is_file())
     if resume and not resumed:
         raise FileNotFoundError(f"{checkpoint}: nothing to resume from")
+    epochs, per_epoch = epoch_plan(env_steps, config.collect_env_steps, config.epoch_env_steps)
     start_epoch = start_env_step = start_update_step = 0
     episodes = None  # the env's and collector's in-flight episodes at the checkpoint
     if resumed:
@@ -193,6 +195,14 @@ def train_sac(
                                  "train_sac, so there is nothing to resume from")
         start_epoch = int(extra["epoch"])
         start_env_step = int(extra["env_step"])
+        if start_epoch < 0 or start_epoch * per_epoch != start_env_step:
+            # a final checkpoint written before epochs were stored (-1), or another budget's
+            if start_env_step % per_epoch:
+                raise ValueError(
+                    f"{checkpoint}: saved at env step {start_env_step}, not a whole number of "
+                    f"this budget's epochs ({per_epoch} env steps each): resume with the "
+                    "env-step budget it was trained with")
+            start_epoch = start_env_step // per_epoch
         start_update_step = int(extra.get("gradient_step", 0))  # Tianshou's update step
         best_score = float(extra.get("best_score", -math.inf))
         scored_at = start_env_step
@@ -209,10 +219,14 @@ def train_sac(
     grads_per_update = round(config.updates_per_env_step * config.collect_env_steps)
     algorithm.critic_only_steps_left = max(
         0, config.critic_warmup_gradient_steps - start_update_step * grads_per_update)
-    if episodes is not None and env.saves_episodes:
+    if out is not None and not env.saves_episodes:
+        warnings.warn(f"{type(env.env).__name__} cannot save its in-flight episodes "
+                      "(episode_state): a resumed run restarts them, so it trains the same "
+                      "budget but not bit for bit the same weights", stacklevel=2)
+    if episodes is not None and env.saves_episodes and env.same_device(episodes["env"]):
         env.load_episode_state(episodes["env"])
         _set_pre_collect(collector, episodes["collector"])
-    else:
+    else:  # no episodes saved, or saved on another device: new episodes
         episodes = None
         collector.reset(reset_buffer=not resumed)
     if config.warmup_env_steps and not resumed:
@@ -263,7 +277,6 @@ def train_sac(
                     old.unlink()
             return str(checkpoint)
 
-    epochs, per_epoch = epoch_plan(env_steps, config.collect_env_steps, config.epoch_env_steps)
     params = OffPolicyTrainerParams(
         training_collector=collector,
         test_collector=None,

@@ -218,6 +218,11 @@ class TianshouVectorEnvAdapter:
                 "pending_obs": copy.deepcopy(self._pending_obs),
                 "last_info": copy.deepcopy(self.last_info)}
 
+    def same_device(self, state: dict[str, Any]) -> bool:
+        """Whether :meth:`episode_state` ``state`` was saved on this env's device (random
+        generator states do not move between devices)."""
+        return state["env"]["core"].get("device") == str(self.env.core.device)
+
     def load_episode_state(self, state: dict[str, Any]) -> None:
         """Undo :meth:`episode_state`."""
         self.env.load_episode_state(state["env"])

@@ -374,5 +374,11 @@ class SubsetSource(FrameSource):
     def begin_episodes(self, videos: torch.Tensor) -> None:
         self.base.begin_episodes(self._map[torch.as_tensor(videos, device=self.device)])
 
+    def random_state(self) -> Any:
+        return self.base.random_state()
+
+    def set_random_state(self, state: Any) -> None:
+        self.base.set_random_state(state)
+
     def gather(self, videos: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         return self.base.gather(self._map[torch.as_tensor(videos, device=self.device)], frames)

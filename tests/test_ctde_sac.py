@@ -628,3 +628,48 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_weights(tiny_dataset, t
     for (name, x), y in zip(whole.algorithm.named_parameters(),
                             resumed.algorithm.parameters(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_resume_takes_its_epoch_from_the_env_step_when_the_checkpoint_has_none(tmp_path):
+    """A final checkpoint written before epochs were stored says epoch -1: the resume counts
+    the epochs done from its env step instead of training the whole budget again; a budget
+    whose epochs do not divide the saved env step is refused."""
+    config = small_config(num_envs=4, collect_env_steps=16, batch_size=16, epoch_env_steps=64,
+                          warmup_env_steps=32)
+    done = train_sac(toy_factory, config, env_steps=128, out_dir=tmp_path / "a")
+    path = tmp_path / "a" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    state["extra"]["epoch"] = -1
+    torch.save(state, path)
+    again = train_sac(toy_factory, config, env_steps=128, out_dir=tmp_path / "a", resume=True)
+    assert (again.env_steps, again.update_steps) == (128, done.update_steps)
+    with pytest.raises(ValueError, match="whole number of this budget's epochs"):
+        train_sac(toy_factory, replace(config, epoch_env_steps=48), env_steps=144,
+                  out_dir=tmp_path / "a", resume=True)
+
+
+def test_saved_episodes_refuse_another_env(tiny_dataset):
+    """Episode state goes back only into an env with the same split, settings and device; a
+    noisy source refuses a state read without noise."""
+    from agents.augment import FeatureNoiseSource
+    from features.source import CachedFrameSource
+    from vimo_env.gym_env import VideoLocatorsVectorEnv
+
+    train = CachedFrameSource(tiny_dataset, split="train", device="cpu")
+
+    def env(**kw):
+        made = VideoLocatorsVectorEnv(3, **{"features": train, "device": "cpu", "seed": 0, **kw})
+        made.reset(seed=0)
+        return made
+
+    saved = env().episode_state()
+    env().load_episode_state(saved)  # the same env takes it
+    with pytest.raises(ValueError, match="its stride is 3, this env's 2"):
+        env(stride=2).load_episode_state(saved)
+    val = CachedFrameSource(tiny_dataset, split="val", device="cpu")
+    with pytest.raises(ValueError, match="its videos is"):
+        env(features=val, split="val").load_episode_state(saved)
+    with pytest.raises(ValueError, match="without feature noise"):
+        env(features=FeatureNoiseSource(train, 0.1)).load_episode_state(saved)
+    with pytest.raises(ValueError, match="for 3 envs, this env has 2"):
+        VideoLocatorsVectorEnv(2, features=train, device="cpu").load_episode_state(saved)

@@ -360,7 +360,7 @@ def test_resume_after_interruption_continues_from_checkpoint(run_marl, full_run,
     resumed = run_marl.main(args + ["--resume"])
     # Stage I was not redone; Stage II trained exactly its missing second epoch, then Stage III
     assert stage1.stat().st_mtime_ns == stage1_mtime and stage1.read_bytes() == stage1_bytes
-    assert saves[:2] == [("stage2", 2), ("stage2", -1)]
+    assert saves[:2] == [("stage2", 2), ("stage2", 2)]  # the last epoch, then the final save
     assert [p for p, _ in saves[2:]] and all(p == "round0" for p, _ in saves[2:])
     done = json.loads((stage2 / "done.json").read_text())
     expected = json.loads((reference_dir / "train" / "stage2" / "done.json").read_text())

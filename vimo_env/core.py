@@ -30,6 +30,7 @@ see :mod:`vimo_env.costs`, the one place that converts torch's FLOP counts.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -341,17 +342,40 @@ class LocatorCore:
         continues in-flight episodes exactly (:meth:`load_episode_state`)."""
         if self.batch_size is None:
             raise RuntimeError("episode_state() before the first reset()")
-        return {"batch_size": self.batch_size,
+        return {"batch_size": self.batch_size, "device": str(self.device),
+                "identity": self._episode_identity(),
                 "tensors": {name: getattr(self, name).clone() for name in self.EPISODE_TENSORS},
                 "jitter": (self._jitter_generator.get_state()
                            if self._jitter_generator is not None else None),
                 "source": self.source.random_state()}
 
+    def _episode_identity(self) -> dict[str, Any]:
+        """What saved episodes must agree with to go on here: the split's videos and the
+        settings that shape an episode."""
+        digest = hashlib.sha1()
+        for name in ("lengths", "labels"):
+            digest.update(np.ascontiguousarray(np.asarray(getattr(self.source, name),
+                                                          dtype=np.int64)).tobytes())
+        digest.update("\n".join(map(str, getattr(self.source, "video_ids", []))).encode())
+        return {"videos": digest.hexdigest(), "num_locators": self.num_locators,
+                "max_moves": self.max_moves, "stride": self.stride,
+                "frame_cost": self.frame_cost, "compute_rewards": self.compute_rewards,
+                "locator_credit": self.locator_credit, "start_jitter": self.start_jitter}
+
     def load_episode_state(self, state: dict[str, Any]) -> None:
-        """Continue the episodes of :meth:`episode_state` (same batch size and shapes)."""
+        """Continue the episodes of :meth:`episode_state`: the same split, settings, batch
+        size and device, or a ValueError naming what differs."""
         if state["batch_size"] != self.batch_size:
             raise ValueError(f"episode state is for {state['batch_size']} rows, this core has "
                              f"{self.batch_size}")
+        if state.get("device") != str(self.device):
+            raise ValueError(f"episode state was saved on {state.get('device')}, this core runs "
+                             f"on {self.device}")
+        mine = self._episode_identity()
+        for key, value in state.get("identity", {}).items():
+            if mine.get(key) != value:
+                raise ValueError(f"episode state is for another env: its {key} is {value!r}, "
+                                 f"this env's {mine.get(key)!r} (another dataset or settings?)")
         for name in self.EPISODE_TENSORS:
             saved, mine = state["tensors"][name], getattr(self, name)
             if saved.shape != mine.shape or saved.dtype != mine.dtype:
@@ -362,7 +386,7 @@ class LocatorCore:
         if (state["jitter"] is None) != (self._jitter_generator is None):
             raise ValueError("episode state and this core disagree on start jitter")
         if self._jitter_generator is not None:
-            self._jitter_generator.set_state(state["jitter"])
+            self._jitter_generator.set_state(state["jitter"].cpu())
         self.source.set_random_state(state["source"])
 
     def _rows(self, rows: torch.Tensor | None, what: str) -> torch.Tensor | None:
@@ -718,13 +742,17 @@ class VideoSampler:
 
     def get_state(self) -> dict[str, Any]:
         """Where the sampler stands (its random stream, the sweep's next video)."""
-        return {"mode": self.mode, "seed": self._seed, "next": self._next,
+        return {"mode": self.mode, "num_videos": self.num_videos, "seed": self._seed,
+                "next": self._next,
                 "rng": self._rng.bit_generator.state if self._rng is not None else None}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Undo :meth:`get_state`."""
         if state["mode"] != self.mode:
             raise ValueError(f"sampler state is for mode {state['mode']!r}, not {self.mode!r}")
+        if state.get("num_videos", self.num_videos) != self.num_videos:
+            raise ValueError(f"sampler state is for {state['num_videos']} videos, this split has "
+                             f"{self.num_videos}")
         self._seed, self._next = state["seed"], int(state["next"])
         self._rng = None
         if state["rng"] is not None:

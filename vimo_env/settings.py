@@ -47,7 +47,7 @@ class EnvSettings:
     * ``frame_cost`` - lambda, the reward penalty per newly observed frame (finite; the core
       accepts any finite value).
     * ``device`` - ``"auto"`` (a source object's device, else CUDA only for batches of at least
-      ``vimo_env.core.AUTO_CUDA_MIN_BATCH`` rows), ``"cpu"``, ``"cuda"``, ...
+      ``features.device.AUTO_CUDA_MIN_BATCH`` rows), ``"cpu"``, ``"cuda"``, ...
     * ``seed`` - fixes everything random: the video sampler, the action spaces and, with
       ``recognizer=None``, the fresh recognizer's initialization (an integer >= 0, or None).
     * ``render_mode`` - ``None``, ``"ansi"``, ``"rgb_array"`` or ``"human"`` (the batched
