@@ -36,6 +36,12 @@ CHECKPOINT_FORMAT = "vimo-recognizer"
 CHECKPOINT_VERSION = 2  # 2: input normalization, pre-norm transformer, dataset identity
 
 
+def _standardized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` with one new tensor instead of two (the same numbers): on the CPU a
+    large fresh tensor costs page faults, and the second one made this 4x slower."""
+    return torch.sub(x, mean).div_(std)
+
+
 @dataclass
 class RecognizerConfig:
     """Architecture of a :class:`Recognizer` (stored as JSON in every checkpoint)."""
@@ -259,7 +265,7 @@ class Recognizer(nn.Module):
         """
         c = self.config
         H = c.hidden_dim
-        frames = F.dropout((frames - self.input_mean) / self.input_std, c.input_dropout,
+        frames = F.dropout(_standardized(frames, self.input_mean, self.input_std), c.input_dropout,
                            self.training)
         own = state[..., :-c.num_classes] if c.pooled_linear else state  # F_T's part
         if c.temporal == "lstm":
@@ -365,7 +371,7 @@ class Recognizer(nn.Module):
             return state
         B, N, L, D = frames.shape
         H = c.hidden_dim
-        x = F.dropout((frames - self.input_mean) / self.input_std, c.input_dropout,
+        x = F.dropout(_standardized(frames, self.input_mean, self.input_std), c.input_dropout,
                       self.training)
         weight, bias = self.cell.weight, self.cell.bias  # [U, D + H, 4H], [U, 4H]
         if weight.shape[0] == 1:
