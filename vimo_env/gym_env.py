@@ -67,11 +67,10 @@ class VideoLocatorsEnv(gymnasium.Env):
                  settings: EnvSettings | None = None,
                  **keywords: Unpack[SettingsKeywords]) -> None:
         self.settings = s = EnvSettings.resolve(
-            settings, {"features": features, "recognizer": recognizer, **keywords},
+            settings, features, recognizer, keywords,
             owner=type(self).__name__)
         self.render_mode = s.render_mode
-        self.core = s.build_core(batch_size=1)
-        self.sampler = s.make_sampler(self.core.source.num_videos)
+        self.core, self.sampler = s.build(batch_size=1)
         self.observation_space, self.action_space = joint_spaces(self.core)
         if s.seed is not None:  # seed fixes everything random, action_space.sample() included
             self.action_space.seed(s.seed)
@@ -155,13 +154,12 @@ class VideoLocatorsVectorEnv(VectorEnv):
                  settings: EnvSettings | None = None,
                  **keywords: Unpack[SettingsKeywords]) -> None:
         self.settings = s = EnvSettings.resolve(
-            settings, {"features": features, "recognizer": recognizer, **keywords},
+            settings, features, recognizer, keywords,
             owner=type(self).__name__, own=("num_envs",))
         check_render_mode(s.render_mode, self.metadata["render_modes"])
         self.render_mode = s.render_mode
         self.num_envs = require_int(num_envs, "num_envs", minimum=1)
-        self.core = s.build_core(batch_size=self.num_envs)
-        self.sampler = s.make_sampler(self.core.source.num_videos)
+        self.core, self.sampler = s.build(batch_size=self.num_envs)
         self.single_observation_space, self.single_action_space = joint_spaces(self.core)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)

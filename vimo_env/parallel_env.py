@@ -54,12 +54,11 @@ class VideoLocatorsParallelEnv(ParallelEnv):
                  settings: EnvSettings | None = None,
                  **keywords: Unpack[SettingsKeywords]) -> None:
         self.settings = s = EnvSettings.resolve(
-            settings, {"features": features, "recognizer": recognizer, **keywords},
+            settings, features, recognizer, keywords,
             owner=type(self).__name__)
         self.render_mode = s.render_mode
-        self.core = s.build_core(batch_size=1)
+        self.core, self.sampler = s.build(batch_size=1)
         self.source = self.core.source
-        self.sampler = s.make_sampler(self.source.num_videos)
         self.possible_agents = [f"locator_{i}" for i in range(s.num_locators)]
         self.agents: list[str] = []
         self._index = {a: i for i, a in enumerate(self.possible_agents)}

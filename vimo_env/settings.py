@@ -116,17 +116,19 @@ class EnvSettings:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def resolve(cls, settings: EnvSettings | None, keywords: Mapping[str, Any], *,
-                owner: str = "EnvSettings", own: Iterable[str] = ()) -> EnvSettings:
-        """A front-end's settings from its ``settings=`` argument and its other keywords.
+    def resolve(cls, settings: EnvSettings | None, features: Any, recognizer: Any,
+                keywords: Mapping[str, Any], *, owner: str = "EnvSettings",
+                own: Iterable[str] = ()) -> EnvSettings:
+        """A front-end's settings from its ``settings=``, ``features``, ``recognizer`` and
+        other keywords.
 
-        ``keywords`` is what the caller gave besides ``settings`` (``features`` and
-        ``recognizer`` count as not given when None, their parameter defaults). Without
+        ``features`` and ``recognizer`` count as not given when None (their parameter
+        defaults); ``keywords`` is everything else the caller gave. Without
         ``settings`` they build one; with it they must be empty. ``owner`` (the front-end's
         name) and ``own`` (its own keywords) only make the error messages precise.
         """
-        given = {k: v for k, v in keywords.items()
-                 if not (k in ("features", "recognizer") and v is None)}
+        named = {"features": features, "recognizer": recognizer}
+        given = {**{k: v for k, v in named.items() if v is not None}, **keywords}
         valid = cls.keywords()
         unknown = [k for k in given if k not in valid]
         if unknown:
@@ -149,17 +151,15 @@ class EnvSettings:
                             "them)")
         return settings
 
-    def build_core(self, batch_size: int) -> LocatorCore:
-        """The batched engine of ``batch_size`` rows these settings describe."""
-        return build_core(self.features, self.recognizer, split=self.split,
+    def build(self, batch_size: int) -> tuple[LocatorCore, VideoSampler]:
+        """What every front-end runs on: the batched engine of ``batch_size`` rows these
+        settings describe, and the video sampler of its split (``sampler``, ``seed``)."""
+        core = build_core(self.features, self.recognizer, split=self.split,
                           num_locators=self.num_locators, max_moves=self.max_moves,
                           stride=self.stride, frame_cost=self.frame_cost, device=self.device,
                           seed=self.seed, compute_rewards=self.compute_rewards,
                           batch_size=batch_size, locator_credit=self.locator_credit)
-
-    def make_sampler(self, num_videos: int) -> VideoSampler:
-        """The video sampler of a split of ``num_videos`` videos (``sampler``, ``seed``)."""
-        return VideoSampler(num_videos, self.sampler, self.seed)
+        return core, VideoSampler(core.source.num_videos, self.sampler, self.seed)
 
 
 class SettingsKeywords(TypedDict, total=False):

@@ -92,11 +92,11 @@ class VideoLocatorsTorchRLEnv(EnvBase):
                  settings: EnvSettings | None = None,
                  **keywords: Unpack[SettingsKeywords]) -> None:
         s = EnvSettings.resolve(
-            settings, {"features": features, "recognizer": recognizer, **keywords},
+            settings, features, recognizer, keywords,
             owner=type(self).__name__, own=("num_envs", "strict_masks", "update_spec_mask"))
         check_render_mode(s.render_mode, self.metadata["render_modes"])
         num_envs = require_int(num_envs, "num_envs", minimum=1)
-        core = s.build_core(batch_size=num_envs)
+        core, sampler = s.build(batch_size=num_envs)
         super().__init__(device=core.device, batch_size=torch.Size([num_envs]))
         self.settings = s
         self.core = core
@@ -105,7 +105,7 @@ class VideoLocatorsTorchRLEnv(EnvBase):
         self.num_locators = core.num_locators
         self.strict_masks = bool(strict_masks)
         self.update_spec_mask = bool(update_spec_mask)
-        self.sampler = s.make_sampler(core.source.num_videos)
+        self.sampler = sampler
         self.last_finished: EpisodeBatch | None = None
         self._started = False
         self._make_specs()
