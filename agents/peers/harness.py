@@ -36,7 +36,6 @@ from torch import nn
 from agents.metrics import mean_average_precision, top1_accuracy
 from agents.probe import pooled_classifier
 from features.atomic import torch_save_atomic, write_text_atomic
-from features.moments import column_mean_std
 from features.pairs import FeaturePair, PairSplit
 from features.source import CachedFrameSource
 from vimo_env.costs import check_flops_unit, count_flops, flops_in_unit
@@ -264,13 +263,10 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def fit(self, frames: CachedFrameSource | torch.Tensor) -> Standardize:
-        """Per-dimension mean and sample std of every frame: of a cached split (its statistics
-        are computed once and shared by every model fit on it) or of a matrix ``[N, D]``."""
-        if isinstance(frames, CachedFrameSource):
-            mean, std = frames.column_moments(ddof=1)
-        else:
-            mean, std = column_mean_std(frames, ddof=1)
+    def fit(self, frames: CachedFrameSource) -> Standardize:
+        """Per-dimension mean and sample std of every frame of a cached split (computed once
+        per split and shared by every model fit on it)."""
+        mean, std = frames.column_moments(ddof=1)
         self.mean.copy_(mean)
         self.std.copy_(std.clamp_min(1e-6))
         return self
